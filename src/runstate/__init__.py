@@ -1,0 +1,41 @@
+"""runstate: save and restore the whole state of a training run, and resume it exactly.
+
+The public API is what ``__all__`` lists. Importing runstate imports no ML framework.
+"""
+
+from runstate._version import __version__
+from runstate.api import load, save
+from runstate.checkpoint import CheckpointInfo
+from runstate.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    LockError,
+    StateMismatchError,
+    StepExistsError,
+    UnsupportedTypeError,
+)
+from runstate.manager import CheckpointManager
+from runstate.rng import RNG
+from runstate.stateful import Stateful
+
+__all__ = [
+    "RNG",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "LockError",
+    "StateMismatchError",
+    "Stateful",
+    "StepExistsError",
+    "UnsupportedTypeError",
+    "__version__",
+    "load",
+    "save",
+]

@@ -1,0 +1,197 @@
+"""PyTorch adapter: tensors, ``torch.Generator``, and the checks that make restores safe.
+
+Imported only when a torch value is met, so ``import runstate`` never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from runstate.errors import UnsupportedTypeError
+from runstate.format.tensors import TensorBlob
+
+__all__ = ["CODEC", "OBJECTS", "TorchCodec", "TorchObjects", "check_optimizer", "place_like"]
+
+_TORCH_TO_CODE: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+}
+for _name, _code in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
+    if hasattr(torch, _name):
+        _TORCH_TO_CODE[getattr(torch, _name)] = _code
+_CODE_TO_TORCH = {v: k for k, v in _TORCH_TO_CODE.items()}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _cpu_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    data: memoryview = flat.view(torch.uint8).numpy().data
+    return data
+
+
+class TorchCodec:
+    """Codec for ``torch.Tensor`` (and ``nn.Parameter``) on any device."""
+
+    lib = "torch"
+
+    def to_blob(self, value: Any, where: str) -> TensorBlob:
+        t: torch.Tensor = value
+        if t.layout != torch.strided or t.is_quantized or t.is_nested:
+            raise UnsupportedTypeError(
+                f"{where}: a {t.layout} tensor cannot be stored; convert it to a dense tensor "
+                "(tensor.to_dense() / dequantize())"
+            )
+        if t.device.type == "meta":
+            raise UnsupportedTypeError(f"{where}: a tensor on the meta device has no data to store")
+        meta: dict[str, Any] = {"device": str(t.device)}
+        code = _TORCH_TO_CODE.get(t.dtype)
+        shape = tuple(int(s) for s in t.shape)
+        nbytes = t.numel() * t.element_size()
+        if code is None:
+            # A dtype safetensors lacks (complex128, float8_e8m0fnu...): stored as raw bytes.
+            meta["lib_dtype"] = _dtype_name(t.dtype)
+            meta["lib_shape"] = list(shape)
+            code, shape = "U8", (nbytes,)
+        identity = None
+        if t.numel() > 0:
+            identity = (
+                "torch",
+                t.device.type,
+                t.device.index,
+                t.untyped_storage().data_ptr(),
+                t.storage_offset(),
+                tuple(t.shape),
+                t.stride(),
+                t.dtype,
+            )
+        return TensorBlob(code, shape, nbytes, self.lib, lambda: _cpu_bytes(t), meta, identity)
+
+    def from_bytes(self, data: np.ndarray, dtype: str, shape: tuple[int, ...], meta: dict[str, Any]) -> Any:
+        raw = torch.from_numpy(data)
+        if "lib_dtype" in meta:
+            target = getattr(torch, str(meta["lib_dtype"]), None)
+            if not isinstance(target, torch.dtype):
+                raise UnsupportedTypeError(
+                    f"torch {torch.__version__} has no dtype {meta['lib_dtype']!r}; upgrade torch"
+                )
+            return raw.view(target).reshape(meta["lib_shape"])
+        tdtype = _CODE_TO_TORCH.get(dtype)
+        if tdtype is None:
+            raise UnsupportedTypeError(f"torch {torch.__version__} has no dtype for {dtype!r}; upgrade torch")
+        return raw.view(tdtype).reshape(shape)
+
+
+class TorchObjects:
+    """Object codec for ``torch.Generator`` (its state is a uint8 tensor)."""
+
+    def get(self, value: Any) -> tuple[str, Any, dict[str, Any]] | None:
+        if isinstance(value, torch.Generator):
+            return "torch.Generator", value.get_state(), {"device": str(value.device)}
+        return None
+
+    def make(self, kind: str, state: Any, attrs: dict[str, Any]) -> Any:
+        if kind != "torch.Generator":
+            raise KeyError(kind)
+        device = str(attrs.get("device", "cpu"))
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"
+        gen = torch.Generator(device=device)
+        gen.set_state(state)
+        return gen
+
+    def copy_into(self, target: Any, source: Any) -> bool:
+        if isinstance(target, torch.Generator) and isinstance(source, torch.Generator):
+            target.set_state(source.get_state())
+            return True
+        return False
+
+
+CODEC = TorchCodec()
+OBJECTS = TorchObjects()
+
+# Optimizer state buffers that always have the shape of their parameter.
+_PARAM_SHAPED = (
+    "exp_avg",
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "momentum_buffer",
+    "square_avg",
+    "sum",
+    "acc_delta",
+    "grad_avg",
+    "ax",
+    "prev",
+)
+
+
+def is_module(obj: Any) -> bool:
+    return isinstance(obj, torch.nn.Module)
+
+
+def is_optimizer(obj: Any) -> bool:
+    return isinstance(obj, torch.optim.Optimizer)
+
+
+def check_optimizer(opt: torch.optim.Optimizer, stored: Any, where: str) -> list[str]:
+    """Problems that would make ``opt.load_state_dict(stored)`` wrong or fail."""
+    problems: list[str] = []
+    if not isinstance(stored, dict) or "param_groups" not in stored or "state" not in stored:
+        return [f"{where}: the checkpoint does not hold an optimizer state_dict"]
+    groups = stored["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        return [
+            f"{where}['param_groups']: checkpoint has {len(groups)} param groups, "
+            f"the optimizer has {len(opt.param_groups)}"
+        ]
+    params: dict[Any, torch.Tensor] = {}
+    for i, (saved, live) in enumerate(zip(groups, opt.param_groups, strict=True)):
+        ids = saved.get("params", [])
+        if len(ids) != len(live["params"]):
+            problems.append(
+                f"{where}['param_groups'][{i}]: checkpoint has {len(ids)} parameters, "
+                f"the optimizer has {len(live['params'])}"
+            )
+            continue
+        params.update(zip(ids, live["params"], strict=True))
+    for pid, buffers in stored["state"].items():
+        param = params.get(pid)
+        if param is None or not isinstance(buffers, dict):
+            continue
+        for key in _PARAM_SHAPED:
+            buf = buffers.get(key)
+            if isinstance(buf, torch.Tensor) and buf.dim() > 0 and tuple(buf.shape) != tuple(param.shape):
+                problems.append(
+                    f"{where}['state'][{pid!r}][{key!r}]: shape {tuple(buf.shape)} in checkpoint, "
+                    f"parameter has shape {tuple(param.shape)}"
+                )
+    return problems
+
+
+def place_like(stored: Any, template: Any) -> Any:
+    """Move a restored tensor to the template's device (restored tensors load on CPU)."""
+    if isinstance(stored, torch.Tensor) and isinstance(template, torch.Tensor) and stored.device != template.device:
+        return stored.to(template.device)
+    return stored

@@ -1,0 +1,96 @@
+"""``runstate.save`` and ``runstate.load``: one checkpoint directory, no manager."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from runstate.checkpoint import (
+    CheckpointInfo,
+    CheckpointReader,
+    prepare,
+    validate_state,
+    validate_step,
+    write_checkpoint,
+)
+from runstate.errors import CheckpointWriteError
+from runstate.restore import plain, restore_state
+from runstate.storage.local import commit_directory
+
+__all__ = ["load", "save"]
+
+
+def save(
+    path: str | os.PathLike[str],
+    state: Mapping[str, Any],
+    *,
+    step: int | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> CheckpointInfo:
+    """Save ``state`` as one checkpoint directory at ``path``, atomically.
+
+    Args:
+        path: the checkpoint directory to create; it must not exist yet.
+        state: named items: objects with ``state_dict()``/``load_state_dict()`` (modules,
+            optimizers, schedulers, data loaders, ``runstate.RNG()``...), generators, tensors,
+            arrays and plain Python values.
+        step: the training step, recorded in the manifest.
+        metrics: numbers to record with the checkpoint (e.g. ``{"loss": 0.31}``).
+
+    Returns:
+        The :class:`CheckpointInfo` of the committed checkpoint.
+
+    Raises:
+        UnsupportedTypeError: a value cannot be stored without pickle (nothing is written).
+        StepExistsError: ``path`` already exists.
+        CheckpointWriteError: the disk failed; nothing was committed.
+
+    Example:
+        >>> info = runstate.save("ckpt", {"model": model, "epoch": 3}, step=1200)  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    validate_state(state, f"save({path!r})")
+    checked_step = None if step is None else validate_step(step)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise CheckpointWriteError(20, f"cannot save to {path}: {parent} is a file, not a directory")
+    prepared = prepare(state, metrics)
+    with commit_directory(path) as tmp:
+        info = write_checkpoint(tmp, prepared, step=checked_step)
+    return CheckpointInfo(info.step, path, info.created, info.metrics, info.nbytes)
+
+
+def load(
+    path: str | os.PathLike[str],
+    state: MutableMapping[str, Any] | None = None,
+    *,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint directory written by :func:`save` or a ``CheckpointManager``.
+
+    Args:
+        path: the checkpoint directory.
+        state: the live state to restore into. Stateful objects (modules, optimizers,
+            schedulers, loaders, generators) are restored in place; every other value is
+            replaced in this dict by the stored one. When None, the stored tree is returned
+            as plain Python, NumPy and torch values.
+        strict: when True, the items and keys of ``state`` must match the checkpoint;
+            when False, what matches is restored and the rest is reported in a warning.
+
+    Returns:
+        ``state`` itself after restoring, or the stored tree when ``state`` is None.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` is not a checkpoint.
+        CorruptCheckpointError: a checksum, size or header does not match the manifest.
+        StateMismatchError: ``strict`` and the state does not match (nothing was changed).
+        FormatVersionError: the checkpoint needs a newer runstate.
+    """
+    path = os.fspath(path)
+    with CheckpointReader(path) as reader:
+        if state is None:
+            return {name: plain(reader.load_item(name)) for name in reader.manifest.items}
+        validate_state(state, f"load({path!r})")
+        restore_state(reader, state, strict=strict)
+        return dict(state) if not isinstance(state, dict) else state

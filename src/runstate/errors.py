@@ -1,0 +1,57 @@
+"""The exception hierarchy of runstate.
+
+Every error the library raises on purpose derives from :class:`CheckpointError`, and each
+subclass also derives from the built-in exception a caller would naturally catch
+(``FileNotFoundError``, ``ValueError``, ...), so existing ``except`` clauses keep working.
+Messages always say what failed, where (a path or a key in the state), and what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "LockError",
+    "StateMismatchError",
+    "StepExistsError",
+    "UnsupportedTypeError",
+]
+
+
+class CheckpointError(Exception):
+    """Root of every error raised by runstate."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint (or a requested step) does not exist."""
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """A checkpoint's bytes do not match its manifest: a checksum, size or header differs."""
+
+
+class StateMismatchError(CheckpointError, ValueError):
+    """The state being restored does not match the checkpoint's items, keys or shapes."""
+
+
+class UnsupportedTypeError(CheckpointError, TypeError):
+    """A value in the state cannot be stored without pickle."""
+
+
+class StepExistsError(CheckpointError, FileExistsError):
+    """A checkpoint for this step (or at this path) already exists."""
+
+
+class FormatVersionError(CheckpointError, ValueError):
+    """A checkpoint was written by a newer, unknown version of the format."""
+
+
+class LockError(CheckpointError, BlockingIOError):
+    """Another live process is writing checkpoints to the same run directory."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (disk full, I/O error, permissions); nothing was committed."""

@@ -1,0 +1,127 @@
+"""Streaming reader and writer of standard safetensors files.
+
+A file is an 8-byte little-endian header length, a JSON header (padded with spaces to a
+multiple of 8 bytes), then the raw tensor bytes back to back. The writer knows every
+shape in advance, so it writes the header first and then streams one tensor at a time:
+the whole file is never built in memory. Every tensor's bytes are hashed with XXH3-64 on
+the way out and checked on the way in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Sequence
+from typing import IO, Any
+
+import numpy as np
+import xxhash
+
+from runstate.errors import CorruptCheckpointError
+from runstate.format.tensors import DTYPE_SIZES, TensorBlob
+
+__all__ = ["WrittenTensor", "read_header", "read_tensor_bytes", "write_safetensors"]
+
+_CHUNK = 64 * 1024 * 1024
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class WrittenTensor:
+    """Where a tensor landed in its file and the checksum of its bytes."""
+
+    __slots__ = ("begin", "end", "xxh3")
+
+    def __init__(self, begin: int, end: int, xxh3: str) -> None:
+        self.begin, self.end, self.xxh3 = begin, end, xxh3
+
+
+def checksum(data: Any) -> str:
+    """XXH3-64 of ``data`` as 16 lowercase hex digits."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def _header_bytes(tensors: Sequence[tuple[str, TensorBlob]], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, blob in tensors:
+        header[name] = {
+            "dtype": blob.dtype,
+            "shape": list(blob.shape),
+            "data_offsets": [offset, offset + blob.nbytes],
+        }
+        offset += blob.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    raw += b" " * (-len(raw) % 8)
+    return raw
+
+
+def write_safetensors(
+    path: str, tensors: Sequence[tuple[str, TensorBlob]], metadata: dict[str, str], *, fsync: bool = True
+) -> tuple[int, dict[str, WrittenTensor]]:
+    """Write ``tensors`` to a new file at ``path``.
+
+    Returns:
+        The file size and, per tensor name, its data offsets and checksum.
+    """
+    header = _header_bytes(tensors, metadata)
+    written: dict[str, WrittenTensor] = {}
+    with open(path, "xb", buffering=0) as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        offset = 0
+        for name, blob in tensors:
+            data = blob.read()
+            if data.nbytes != blob.nbytes:
+                raise RuntimeError(f"tensor {name!r} produced {data.nbytes} bytes, expected {blob.nbytes}")
+            digest = checksum(data)
+            for start in range(0, data.nbytes, _CHUNK):
+                view = data[start : start + _CHUNK]
+                while view.nbytes:
+                    n = f.write(view)
+                    view = view[n:] if n else view
+            written[name] = WrittenTensor(offset, offset + blob.nbytes, digest)
+            offset += blob.nbytes
+        if fsync:
+            os.fsync(f.fileno())
+    return 8 + len(header) + offset, written
+
+
+def read_header(f: IO[bytes], path: str) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header; return it and the offset where tensor data begins."""
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise CorruptCheckpointError(f"{path}: truncated safetensors file (no header length)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > _MAX_HEADER:
+        raise CorruptCheckpointError(f"{path}: safetensors header length {n} is implausible")
+    body = f.read(n)
+    if len(body) != n:
+        raise CorruptCheckpointError(f"{path}: truncated safetensors header")
+    try:
+        header = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def read_tensor_bytes(f: IO[bytes], path: str, data_start: int, begin: int, end: int) -> np.ndarray:
+    """Read the bytes ``[begin, end)`` of the data section into a new uint8 array."""
+    out = np.empty(end - begin, dtype=np.uint8)
+    f.seek(data_start + begin)
+    view = out.data
+    got = 0
+    while got < out.nbytes:
+        n = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            raise CorruptCheckpointError(
+                f"{path}: file is truncated (expected {out.nbytes} bytes at offset {data_start + begin}, got {got})"
+            )
+        got += n
+    return out
+
+
+def element_size(dtype: str) -> int | None:
+    """Bytes per element of a safetensors dtype code, None when unknown."""
+    return DTYPE_SIZES.get(dtype)

@@ -1,0 +1,211 @@
+"""``CheckpointManager``: a run directory of step checkpoints.
+
+Layout: ``<dir>/step-000000000100/`` per committed step, hidden ``.tmp-*``/``.del-*``
+leftovers of interrupted saves or deletions, and ``.lock`` for the single writer.
+Readers (``steps``, ``info``, ``restore``) never take the lock and only ever see committed
+steps, so an evaluation job can read while training writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, MutableMapping
+from types import TracebackType
+from typing import Any
+
+from runstate.checkpoint import (
+    CheckpointInfo,
+    CheckpointReader,
+    prepare,
+    validate_state,
+    validate_step,
+    write_checkpoint,
+)
+from runstate.errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+from runstate.policies import Retention, SaveCadence
+from runstate.restore import restore_state
+from runstate.storage.local import (
+    RunLock,
+    commit_directory,
+    delete_directory,
+    list_committed,
+    remove_leftovers,
+    step_dirname,
+)
+
+__all__ = ["CheckpointManager"]
+
+logger = logging.getLogger("runstate")
+
+
+class CheckpointManager:
+    """Saves, retains and restores the checkpoints of one training run.
+
+    Args:
+        directory: the run directory; created on the first save.
+        keep_last: keep the N newest checkpoints (None keeps all).
+        keep_every: also keep every checkpoint whose step is divisible by this.
+        keep_best: also keep the M best checkpoints by ``metrics[best_metric]``.
+        best_metric: the metric ranking checkpoints for ``keep_best``.
+        best_mode: ``"min"`` (lower is better) or ``"max"``.
+        save_every_steps: ``save`` writes only at steps divisible by this...
+        save_every_seconds: ...or when this many seconds passed since the last save.
+
+    Example:
+        >>> with runstate.CheckpointManager("runs/exp", save_every_steps=100) as mgr:  # doctest: +SKIP
+        ...     start = mgr.restore(state) or 0
+        ...     for step in range(start, total):
+        ...         train_step()
+        ...         mgr.save(step + 1, state)
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = 3,
+        keep_every: int | None = None,
+        keep_best: int | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        save_every_steps: int | None = None,
+        save_every_seconds: float | None = None,
+    ) -> None:
+        self.directory = os.fspath(directory)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointWriteError(20, f"{self.directory} is a file; a CheckpointManager needs a directory")
+        self.retention = Retention(keep_last, keep_every, keep_best, best_metric, best_mode)
+        self.cadence = SaveCadence(save_every_steps, save_every_seconds)
+        self._lock = RunLock(self.directory)
+        self._last_save = time.monotonic()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.directory!r})"
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the writer lock. Idempotent."""
+        self._lock.release()
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"{self!r} is closed; create a new CheckpointManager")
+
+    def path(self, step: int) -> str:
+        """The directory of ``step``'s checkpoint (whether or not it exists)."""
+        return os.path.join(self.directory, step_dirname(validate_step(step)))
+
+    def steps(self) -> list[int]:
+        """Committed steps, oldest first."""
+        return list(list_committed(self.directory))
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None when there is none."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def info(self, step: int) -> CheckpointInfo:
+        """The :class:`CheckpointInfo` of a committed step.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is not committed.
+        """
+        with CheckpointReader(self._existing(step)) as reader:
+            return reader.info()
+
+    def _existing(self, step: int) -> str:
+        step = validate_step(step)
+        committed = list_committed(self.directory)
+        if step not in committed:
+            listed = ", ".join(map(str, committed)) or "none"
+            raise CheckpointNotFoundError(f"no checkpoint for step {step} in {self.directory} (steps: {listed})")
+        return committed[step]
+
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save ``state`` as step ``step`` if the cadence says so (or ``force``).
+
+        Returns:
+            True when a checkpoint was written and committed.
+
+        Raises:
+            StepExistsError: ``step`` is already committed.
+            LockError: another live manager writes to this directory.
+            UnsupportedTypeError: a value cannot be stored (nothing is written).
+            CheckpointWriteError: the disk failed; older checkpoints are intact.
+        """
+        self._check_open()
+        step = validate_step(step)
+        validate_state(state, f"{self!r}.save(step={step})")
+        now = time.monotonic()
+        if not force and not self.cadence.should_save(step, now - self._last_save):
+            return False
+        prepared = prepare(state, metrics)
+        if not self._lock.held:
+            self._lock.acquire()
+            for leftover in remove_leftovers(self.directory):
+                logger.info("removed leftover of an interrupted save: %s", leftover)
+        with commit_directory(self.path(step)) as tmp:
+            write_checkpoint(tmp, prepared, step=step)
+        self._last_save = now
+        self._apply_retention(step)
+        return True
+
+    def _apply_retention(self, just_saved: int) -> None:
+        committed = list_committed(self.directory)
+        metrics: dict[int, Mapping[str, Any]] = {}
+        if self.retention.needs_metrics:
+            for s, p in committed.items():
+                try:
+                    with CheckpointReader(p) as reader:
+                        metrics[s] = reader.info().metrics
+                except CheckpointError as exc:
+                    logger.warning("retention: cannot read %s (%s); ranking it last", p, exc)
+        keep = self.retention.to_keep(list(committed), metrics, protected=(just_saved,))
+        for s, p in committed.items():
+            if s not in keep:
+                delete_directory(p)
+
+    def restore(
+        self,
+        state: MutableMapping[str, Any],
+        *,
+        step: int | None = None,
+        strict: bool = True,
+    ) -> int | None:
+        """Restore ``state`` from the newest checkpoint (or ``step``).
+
+        Returns:
+            The restored step, or None when the directory holds no checkpoint (state unchanged).
+
+        Raises:
+            CheckpointNotFoundError: ``step`` was given and is not committed.
+            CorruptCheckpointError: the checkpoint's bytes do not match its manifest.
+            StateMismatchError: ``strict`` and the state does not match the checkpoint.
+        """
+        validate_state(state, f"{self!r}.restore()")
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                return None
+        path = self._existing(step)
+        with CheckpointReader(path) as reader:
+            restore_state(reader, state, strict=strict)
+        return step
