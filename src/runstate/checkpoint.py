@@ -99,14 +99,20 @@ def _metric_value(name: str, value: Any) -> Any:
     )
 
 
-def _file_base(item: str, taken: set[str]) -> str:
+def _file_names(item: str, n_shards: int, taken: set[str]) -> list[str]:
+    """File names for an item's shards, unique (case-insensitively) within the checkpoint."""
     base = _SAFE_NAME.sub("_", item).lstrip(".") or "item"
     candidate, n = base, 1
-    while candidate.lower() in taken:
+    while True:
+        if n_shards == 1:
+            names = [f"{candidate}.safetensors"]
+        else:
+            names = [f"{candidate}-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+        if not any(name.lower() in taken for name in names):
+            taken.update(name.lower() for name in names)
+            return names
         n += 1
         candidate = f"{base}_{n}"
-    taken.add(candidate.lower())
-    return candidate
 
 
 def _shards(blobs: list[tuple[str, TensorBlob]], limit: int) -> list[list[tuple[str, TensorBlob]]]:
@@ -169,23 +175,19 @@ def write_checkpoint(
     The caller commits the directory; this function only fills it.
     """
     encoded = prepared.items
-    taken: set[str] = {"manifest"}
+    taken: set[str] = {MANIFEST_NAME, "manifest.safetensors"}
     files: dict[str, int] = {}
     items: dict[str, ItemEntry] = {}
     for name, (tree, enc) in encoded.items():
         blobs = list(enc.blobs.items())
         entries: dict[str, TensorEntry] = {}
         if blobs:
-            base = _file_base(name, taken)
             shards = _shards(blobs, shard_bytes)
+            fnames = _file_names(name, len(shards), taken)
             libs = {b.lib for _, b in blobs}
             metadata = {"format": "pt" if libs == {"torch"} else "np", "runstate_item": name}
             for i, shard in enumerate(shards):
-                fname = (
-                    f"{base}.safetensors"
-                    if len(shards) == 1
-                    else f"{base}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                )
+                fname = fnames[i]
                 size, written = write_safetensors(os.path.join(directory, fname), shard, metadata)
                 files[fname] = size
                 for tname, blob in shard:

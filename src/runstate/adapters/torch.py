@@ -47,7 +47,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _cpu_bytes(t: torch.Tensor) -> memoryview:
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    flat = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
     data: memoryview = flat.view(torch.uint8).numpy().data
     return data
 
@@ -86,22 +86,27 @@ class TorchCodec:
                 tuple(t.shape),
                 t.stride(),
                 t.dtype,
+                t.is_conj(),
+                t.is_neg(),
             )
         return TensorBlob(code, shape, nbytes, self.lib, lambda: _cpu_bytes(t), meta, identity)
 
     def from_bytes(self, data: np.ndarray, dtype: str, shape: tuple[int, ...], meta: dict[str, Any]) -> Any:
-        raw = torch.from_numpy(data)
         if "lib_dtype" in meta:
             target = getattr(torch, str(meta["lib_dtype"]), None)
             if not isinstance(target, torch.dtype):
                 raise UnsupportedTypeError(
                     f"torch {torch.__version__} has no dtype {meta['lib_dtype']!r}; upgrade torch"
                 )
-            return raw.view(target).reshape(meta["lib_shape"])
-        tdtype = _CODE_TO_TORCH.get(dtype)
-        if tdtype is None:
-            raise UnsupportedTypeError(f"torch {torch.__version__} has no dtype for {dtype!r}; upgrade torch")
-        return raw.view(tdtype).reshape(shape)
+            tdtype, shape = target, tuple(meta["lib_shape"])
+        else:
+            found = _CODE_TO_TORCH.get(dtype)
+            if found is None:
+                raise UnsupportedTypeError(f"torch {torch.__version__} has no dtype for {dtype!r}; upgrade torch")
+            tdtype = found
+        if data.size == 0:
+            return torch.empty(shape, dtype=tdtype)
+        return torch.from_numpy(data).view(tdtype).reshape(shape)
 
 
 class TorchObjects:

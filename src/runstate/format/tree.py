@@ -154,7 +154,8 @@ class Encoder:
         if t is bool:
             return {"t": "bool", "v": value}
         if t is int:
-            return {"t": "int", "v": str(value)}
+            # Decimal, or hexadecimal past Python's int/str digit limit (int(v, 0) reads both).
+            return {"t": "int", "v": str(value) if value.bit_length() < 10_000 else hex(value)}
         if t is float:
             return {"t": "float", "v": repr(value)}
         if t is str:
@@ -273,7 +274,7 @@ class Decoder:
                     raise ValueError("not a bool")
                 return node["v"]
             if t == "int":
-                return int(node["v"])
+                return int(node["v"], 0)
             if t == "float":
                 return float(node["v"])
             if t == "str":

@@ -81,7 +81,7 @@ def commit_directory(final: str) -> Iterator[str]:
         raise StepExistsError(f"{final} already exists; choose another step or path, or delete it first")
     tmp = os.path.join(parent, f".tmp-{name}-{uuid.uuid4().hex[:12]}")
     try:
-        os.makedirs(parent, exist_ok=True)
+        _makedirs_durable(parent)
         os.mkdir(tmp)
     except OSError as exc:
         raise _write_error(exc, "cannot create", tmp) from exc
@@ -97,6 +97,22 @@ def commit_directory(final: str) -> Iterator[str]:
         if isinstance(exc, OSError) and not isinstance(exc, (StepExistsError, CheckpointWriteError)):
             raise _write_error(exc, "cannot write checkpoint", final) from exc
         raise
+
+
+def _makedirs_durable(path: str) -> None:
+    """Create ``path`` and its missing parents, fsyncing each new entry's parent."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        _makedirs_durable(parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    fsync_dir(parent or ".")
 
 
 def delete_directory(path: str) -> None:

@@ -1,0 +1,212 @@
+"""CheckpointManager: cadence, retention, commit visibility, locking and restore semantics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import runstate
+from runstate.manager import CheckpointManager
+from tests.conftest import fresh_training_state, make_training_state
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_restore_from_nothing_returns_none_and_changes_nothing(tmp_path: Path) -> None:
+    state = {"epoch": 5}
+    for directory in (tmp_path / "missing", tmp_path):
+        with CheckpointManager(directory) as mgr:
+            assert mgr.restore(state) is None
+            assert mgr.latest_step() is None and mgr.steps() == []
+    assert state == {"epoch": 5}
+    assert not (tmp_path / "missing").exists()
+
+
+def test_save_restore_latest_and_specific_step(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        for step in (10, 20, 30):
+            assert mgr.save(step, {"epoch": step // 10}, metrics={"loss": 1.0 / step}) is True
+        assert mgr.steps() == [10, 20, 30] and mgr.latest_step() == 30
+        assert mgr.path(20) == os.path.join(str(tmp_path), "step-000000000020")
+        state = {"epoch": None}
+        assert mgr.restore(state) == 30 and state["epoch"] == 3
+        assert mgr.restore(state, step=10) == 10 and state["epoch"] == 1
+        info = mgr.info(20)
+        assert info.step == 20 and info.metrics == {"loss": 0.05} and info.nbytes > 0
+        assert info.created.endswith("+00:00") and info.path == mgr.path(20)
+        with pytest.raises(runstate.CheckpointNotFoundError, match=r"no checkpoint for step 15 .*steps: 10, 20, 30"):
+            mgr.restore(state, step=15)
+        with pytest.raises(runstate.StepExistsError, match="step-000000000020 already exists"):
+            mgr.save(20, {"epoch": 9})
+    assert runstate.load(os.path.join(tmp_path, "step-000000000020")) == {"epoch": 2}
+
+
+def test_cadence_by_steps_and_force(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, keep_last=None, save_every_steps=5) as mgr:
+        written = [s for s in range(1, 13) if mgr.save(s, {"s": s})]
+        assert written == [5, 10]
+        assert mgr.save(11, {"s": 11}, force=True) is True
+        assert mgr.steps() == [5, 10, 11]
+
+
+def test_cadence_by_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    with CheckpointManager(tmp_path, keep_last=None, save_every_seconds=60) as mgr:
+        assert mgr.save(1, {"s": 1}) is False
+        clock[0] += 61
+        assert mgr.save(2, {"s": 2}) is True
+        clock[0] += 30
+        assert mgr.save(3, {"s": 3}) is False
+        clock[0] += 31
+        assert mgr.save(4, {"s": 4}) is True
+    assert CheckpointManager(tmp_path).steps() == [2, 4]
+
+
+def test_every_call_saves_without_cadence(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        assert all(mgr.save(s, {"s": s}) for s in range(3))
+        assert mgr.steps() == [0, 1, 2]
+
+
+def test_retention_union_of_last_every_and_best(tmp_path: Path) -> None:
+    losses = {1: 0.5, 2: 0.1, 3: 0.9, 4: 0.7, 5: 0.8, 6: 0.6, 7: 0.95, 8: 0.99}
+    with CheckpointManager(tmp_path, keep_last=2, keep_every=3, keep_best=2, best_metric="loss") as mgr:
+        for step, loss in losses.items():
+            mgr.save(step, {"s": step}, metrics={"loss": loss})
+        # last 2: 7, 8; every 3: 3, 6; best 2 by min loss: 2 (0.1), 1 (0.5)
+        assert mgr.steps() == [1, 2, 3, 6, 7, 8]
+
+
+def test_retention_max_mode_and_never_deletes_newest(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, keep_last=1, keep_best=1, best_metric="acc", best_mode="max") as mgr:
+        mgr.save(1, {}, metrics={"acc": 0.9})
+        mgr.save(2, {}, metrics={"acc": 0.1})
+        mgr.save(3, {}, metrics={"acc": 0.2})
+        assert mgr.steps() == [1, 3]
+        mgr.save(0, {}, metrics={"acc": 0.0})  # an older step written after: kept as the one just saved
+        assert mgr.steps() == [0, 1, 3]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"keep_last": 0}, "keep_last must be a positive int"),
+        ({"keep_best": 2}, "keep_best needs best_metric"),
+        ({"best_mode": "lowest"}, "best_mode must be 'min' or 'max'"),
+        ({"save_every_steps": 0}, "save_every_steps must be a positive int"),
+        ({"save_every_seconds": -1.0}, "save_every_seconds must be a positive float"),
+    ],
+)
+def test_bad_options_are_rejected(tmp_path: Path, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CheckpointManager(tmp_path, **kwargs)
+
+
+def test_directory_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(runstate.CheckpointError, match="is a file"):
+        CheckpointManager(tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_leftovers_are_ignored_by_readers_and_removed_by_the_next_writer(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"s": 1})
+    (tmp_path / ".tmp-step-000000000002-abc").mkdir()
+    (tmp_path / ".tmp-step-000000000002-abc" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / ".del-step-000000000000-abc").mkdir()
+    reader = CheckpointManager(tmp_path)
+    assert reader.steps() == [1]
+    assert (tmp_path / ".tmp-step-000000000002-abc").exists()  # readers never delete
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(2, {"s": 2})
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == ["step-000000000001", "step-000000000002"]
+
+
+def test_second_writer_gets_a_clear_error_and_readers_need_no_lock(tmp_path: Path) -> None:
+    first = CheckpointManager(tmp_path)
+    first.save(1, {"s": 1})
+    second = CheckpointManager(tmp_path)
+    with pytest.raises(runstate.LockError, match=f"being written by another CheckpointManager \\(pid {os.getpid()}"):
+        second.save(2, {"s": 2})
+    state = {"s": None}
+    assert second.restore(state) == 1 and state["s"] == 1  # reading works while the writer holds the lock
+    first.close()
+    assert second.save(2, {"s": 2}) is True
+    second.close()
+    with pytest.raises(runstate.CheckpointError, match="is closed"):
+        second.save(3, {"s": 3})
+
+
+def test_lock_of_a_killed_writer_is_taken_over(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import os, signal, runstate
+        mgr = runstate.CheckpointManager({str(tmp_path)!r})
+        mgr.save(1, {{"s": 1}})
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, check=False, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert "pid" in (tmp_path / ".lock").read_text()
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.save(2, {"s": 2}) is True
+        assert mgr.steps() == [1, 2]
+
+
+def test_restore_full_training_state(tmp_path: Path) -> None:
+    state = make_training_state()
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(2, state)
+    target = fresh_training_state()
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.restore(target) == 2
+    assert torch.equal(target["model"][0].weight, state["model"][0].weight)
+    assert target["scheduler"].last_epoch == 2
+
+
+KILL_SAVER = textwrap.dedent(
+    """
+    import sys, torch, runstate
+    mgr = runstate.CheckpointManager(sys.argv[1], keep_last=2)
+    step = (mgr.latest_step() or 0) + 1
+    while True:
+        state = {"w": {f"t{i}": torch.full((64, 1024), float(step)) for i in range(16)}, "step": step}
+        mgr.save(step, state)
+        print(step, flush=True)
+        step += 1
+    """
+)
+
+
+def test_sigkill_during_saves_never_exposes_a_partial_checkpoint(tmp_path: Path) -> None:
+    """A saver is SIGKILLed at random moments; every visible checkpoint is whole."""
+    import random
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    rnd = random.Random()
+    for trial in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SAVER, str(tmp_path)], env=env, stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        proc.stdout.readline()  # at least one save done
+        time.sleep(rnd.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with CheckpointManager(tmp_path) as mgr:
+            steps = mgr.steps()
+            assert steps, f"trial {trial}: no checkpoint left"
+            for step in steps:
+                got = runstate.load(mgr.path(step))
+                assert got["step"] == step
+                assert all(torch.equal(t, torch.full((64, 1024), float(step))) for t in got["w"].values())
