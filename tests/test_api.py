@@ -64,7 +64,9 @@ def test_plain_values_are_replaced_and_exact(tmp_path: Path) -> None:
         "flags": [True, False, None],
         "text": "héllo\u2603\ud800",
         "raw": b"\x00\xff",
-        "keys": OrderedDict([(3, "int"), ("3", "str"), (3.5, "float"), (True, "bool"), (None, "none"), ((1, "a"), "tuple")]),
+        "keys": OrderedDict(
+            [(3, "int"), ("3", "str"), (3.5, "float"), (True, "bool"), (None, "none"), ((1, "a"), "tuple")]
+        ),
         "nested": {"a": [(1, 2), [3, (4,)]], "empty": {}, "empty_list": [], "empty_tuple": ()},
         "np": np.arange(6, dtype=np.int16).reshape(2, 3),
         "np_scalar": np.float32(1.5),
@@ -77,7 +79,7 @@ def test_plain_values_are_replaced_and_exact(tmp_path: Path) -> None:
     got = target["v"]
     assert target["epoch"] == 4 and type(target["epoch"]) is int
     assert got["ints"] == values["ints"]
-    assert type(got["floats"]) is tuple and [math.copysign(1, x) for x in got["floats"]][0] == -1.0
+    assert type(got["floats"]) is tuple and math.copysign(1, got["floats"][0]) == -1.0
     assert got["floats"][1:] == values["floats"][1:]
     assert math.isnan(got["nan"])
     assert got["flags"] == [True, False, None] and type(got["flags"][0]) is bool
@@ -92,9 +94,23 @@ def test_plain_values_are_replaced_and_exact(tmp_path: Path) -> None:
 
 
 DTYPES = [
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16,
-    torch.uint32, torch.uint64, torch.complex64, torch.complex128,
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.complex64,
+    torch.complex128,
 ]
 
 
@@ -252,7 +268,10 @@ def test_flipped_tensor_byte_is_detected_naming_file_and_tensor(tmp_path: Path) 
     path.write_bytes(bytes(data))
     target = fresh_training_state()
     before = target["model"][0].weight.clone()
-    with pytest.raises(runstate.CorruptCheckpointError, match=r"optimizer.safetensors: checksum mismatch in tensor 'state\.3\.exp_avg_sq'"):
+    with pytest.raises(
+        runstate.CorruptCheckpointError,
+        match=r"optimizer.safetensors: checksum mismatch in tensor 'state\.3\.exp_avg_sq'",
+    ):
         runstate.load(tmp_path / "ck", target)
     assert torch.equal(target["model"][0].weight, before)  # nothing restored
 

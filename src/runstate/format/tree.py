@@ -226,12 +226,12 @@ class Encoder:
                 f"{where}: a namedtuple ({type(value).__qualname__}) cannot be stored without "
                 "pickle; convert it to a tuple or a dict"
             )
-        if isinstance(value, (int, float, str)):
-            return (
-                f"{where}: a {type(value).__qualname__} (a subclass of "
-                f"{type(value).__mro__[1].__qualname__}) cannot be stored without pickle; "
-                "convert it to the plain built-in type"
-            )
+        for builtin in (bool, int, float, str, bytes, dict, list):
+            if isinstance(value, builtin):
+                return (
+                    f"{where}: a {type(value).__qualname__} (a subclass of {builtin.__name__}) cannot be "
+                    f"stored without pickle; convert it to a plain {builtin.__name__}"
+                )
         return (
             f"{where}: a value of type {type(value).__module__}.{type(value).__qualname__} "
             "cannot be stored without pickle; give it state_dict()/load_state_dict() or "
