@@ -10,8 +10,9 @@ saves (all durable: the file and its directory are fsynced)
     runstate.save  ``runstate.save(dir, {"model": model, "optimizer": opt}, step=1)``
 
 loads (cold page cache when ``/proc/sys/vm/drop_caches`` is writable, and warm)
-    raw read       the raw file read back into fresh buffers
-    safetensors    ``safetensors.torch.load_file``
+    raw read       the raw file read back into fresh buffers (the reference)
+    raw read live  the raw file read straight into the live tensors (the in-place bound)
+    safetensors    ``safetensors.torch.load_file``: lazy mmap (default) and backend="pread"
     torch.load     ``torch.load(weights_only=True)``
     torch.load+lsd the same, then ``load_state_dict`` into a second model and optimizer
     runstate.load  ``runstate.load(dir, {"model": model2, "optimizer": opt2})`` (in place)
@@ -20,7 +21,8 @@ Every figure is the median of ``--reps`` runs (the best is shown too), as second
 state bytes and a ratio against the raw write (saves) or raw read (loads) of the same run:
 ``x raw`` is time / raw time, so 1.00 means as fast as the raw I/O and 2.00 twice as slow.
 ``peak RSS`` is how far the process's resident memory rose above where it was when the
-operation started (VmHWM, reset through /proc/self/clear_refs before each operation).
+operation started (VmHWM, reset through /proc/self/clear_refs), from one extra untimed run
+of each operation at the end with glibc set to map every big buffer freshly.
 
     python benchmarks/save_load.py            # ~0.75 GiB state, about 1-2 minutes
     python benchmarks/save_load.py --quick    # ~0.1 GiB state, CI smoke run
@@ -34,6 +36,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import inspect
 import math
 import os
 import platform
@@ -115,19 +118,37 @@ def reset_peak_rss() -> bool:
     return _status_kib("VmHWM") is not None
 
 
-def pin_malloc_mmap_threshold() -> None:
-    """Make glibc return big freed buffers to the OS, so per-operation peak RSS is meaningful.
-
-    By default glibc raises its mmap threshold after big frees and may then serve a later
-    operation's buffers from memory that is already resident, hiding them from VmHWM.
-    """
+def _libc() -> Any:
     name = ctypes.util.find_library("c")
     if not name or platform.system() != "Linux":
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(name)
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, MIB)
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def malloc_trim() -> None:
+    """Give glibc's free heap memory back to the OS, so reusing it shows up in RSS again."""
+    libc = _libc()
+    with contextlib.suppress(AttributeError):
+        if libc is not None:
+            libc.malloc_trim(0)
+
+
+def pin_malloc_mmap_threshold() -> None:
+    """Make glibc map (and on free, unmap) every buffer of 1 MiB or more.
+
+    By default glibc raises its mmap threshold after big frees and then serves a later
+    operation's buffers from heap memory that is already resident, hiding them from VmHWM.
+    Used only for the final, untimed peak-RSS pass: fresh pages on every allocation make
+    timings much noisier (page faults, and on VMs the hypervisor re-backing freed memory).
+    """
+    libc = _libc()
+    with contextlib.suppress(AttributeError):
+        if libc is not None:
+            m_mmap_threshold = -3
+            libc.mallopt(m_mmap_threshold, MIB)
 
 
 def filesystem_of(path: str) -> str:
@@ -271,42 +292,53 @@ class Op:
         return statistics.median(self.seconds)
 
 
-def measure(op: Op, *, cold: bool, track_rss: bool) -> None:
+def measure(op: Op, *, cold: bool) -> None:
     gc.collect()
     os.sync()  # no writeback of an earlier operation overlaps this one
     if cold:
         drop_caches()
-    rss0 = 0
-    if track_rss and reset_peak_rss():
-        rss0 = _status_kib("VmRSS") or 0
     t0 = time.perf_counter()
     result = op.run()
     dt = time.perf_counter() - t0
-    if track_rss and rss0:
-        op.peaks.append(max(0, (_status_kib("VmHWM") or 0) - rss0) * 1024)
     del result
     op.seconds.append(dt)
 
 
-def run_saves(ops: list[Op], reps: int, track_rss: bool) -> None:
+def measure_peak_rss(ops: list[Op]) -> None:
+    """Run each operation once more, untimed, and record how far resident memory rose."""
+    for op in ops:
+        if op.path:
+            remove(op.path)
+        gc.collect()
+        malloc_trim()
+        if not reset_peak_rss():
+            return
+        rss0 = _status_kib("VmRSS") or 0
+        result = op.run()
+        op.peaks.append(max(0, (_status_kib("VmHWM") or 0) - rss0) * 1024)
+        del result
+
+
+def run_saves(ops: list[Op], reps: int) -> None:
     for _ in range(reps):  # round-robin, so slow drift of the disk hits every row alike
         for op in ops:
             remove(op.path)
-            measure(op, cold=False, track_rss=track_rss)
+            measure(op, cold=False)
 
 
-def run_loads(ops: list[Op], reps: int, *, cold: bool, track_rss: bool) -> None:
+def run_loads(ops: list[Op], reps: int, *, cold: bool) -> None:
     if not cold:
         for op in ops:  # warm the page cache (and the allocator) once
             op.run()
     for _ in range(reps):
         for op in ops:
-            measure(op, cold=cold, track_rss=track_rss)
+            measure(op, cold=cold)
 
 
-def print_table(title: str, ops: list[Op], nbytes: int, ref: Op, track_rss: bool) -> None:
+def print_table(title: str, ops: list[Op], nbytes: int, ref: Op) -> None:
     print(f"\n{title}")
     head = f"  {'':<34}{'median s':>10}{'best s':>10}{'GB/s':>8}{'x raw':>8}"
+    track_rss = any(op.peaks for op in ops)
     if track_rss:
         head += f"{'peak RSS':>13}"
     print(head)
@@ -314,7 +346,7 @@ def print_table(title: str, ops: list[Op], nbytes: int, ref: Op, track_rss: bool
         med = op.median()
         rate = nbytes / med / 1e9
         line = f"  {op.name:<34}{med:>10.3f}{min(op.seconds):>10.3f}{rate:>8.2f}{med / ref.median():>8.2f}"
-        if track_rss and op.peaks:
+        if op.peaks:
             line += f"{max(op.peaks) / MIB:>+9.0f} MiB"
         print(line)
 
@@ -326,17 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gib", type=float, default=None, help="total state size in GiB (default 0.75)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: ~0.1 GiB unless --gib is given")
-    parser.add_argument("--reps", type=int, default=None, help="measured runs per operation (default 3)")
+    parser.add_argument("--reps", type=int, default=None, help="measured runs per operation (default 5, --quick 3)")
     parser.add_argument("--dir", default=None, help="scratch directory on the disk to test (default ROOT/.bench-tmp)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-page-cache loads")
     args = parser.parse_args(argv)
     gib = args.gib if args.gib is not None else (0.1 if args.quick else 0.75)
-    args.reps = args.reps if args.reps is not None else 3
+    args.reps = args.reps if args.reps is not None else (3 if args.quick else 5)
     if gib <= 0 or args.reps < 1:
         parser.error("--gib and --reps must be positive")
     started = time.perf_counter()
 
-    pin_malloc_mmap_threshold()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, opt, width = build_state(gib)
     flat = flat_tensors(model, opt)
@@ -345,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = sum(sizes)
     model2, opt2 = fresh_copy(width)
     n_params = sum(p.numel() for p in model.parameters())
+    gc.collect()
+    gc.freeze()  # the many objects torch created at import: later gc.collect() calls need not scan them
 
     base = os.path.abspath(args.dir or os.path.join(ROOT, ".bench-tmp"))
     created_base = not os.path.exists(base)
@@ -379,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             Op("torch.save+fsync", lambda: torch_save(p_pt, model, opt), p_pt),
             Op("runstate.save", lambda: runstate.save(p_rs, {"model": model, "optimizer": opt}, step=1), p_rs),
         ]
-        run_saves(saves, args.reps, track_rss)
+        run_saves(saves, args.reps)
 
         # sanity: runstate restores exactly what was saved
         runstate.load(p_rs, {"model": model2, "optimizer": opt2})
@@ -390,36 +423,43 @@ def main(argv: list[str] | None = None) -> int:
         del restored
 
         def loads() -> list[Op]:
-            return [
+            ops = [
                 Op("raw read (readinto)", lambda: raw_read(p_raw, sizes)),
                 Op(
                     "raw read into live tensors",
                     lambda: raw_read_into(p_raw, list(flat_tensors(model2, opt2).values())),
                 ),
                 Op("safetensors load_file (lazy mmap)", lambda: load_file(p_st)),
-                Op("safetensors load_file (pread)", lambda: load_file(p_st, backend="pread")),
                 Op("torch.load(weights_only)", lambda: torch.load(p_pt, weights_only=True)),
                 Op("torch.load+load_state_dict", lambda: torch_load_into(p_pt, model2, opt2)),
                 Op("runstate.load (in place)", lambda: runstate.load(p_rs, {"model": model2, "optimizer": opt2})),
             ]
+            if "backend" in inspect.signature(load_file).parameters:  # safetensors >= 0.8
+                ops.insert(3, Op("safetensors load_file (pread)", lambda: load_file(p_st, backend="pread")))
+            return ops
 
         cold_loads: list[Op] = []
         if cold_reason is None:
             cold_loads = loads()
-            run_loads(cold_loads, args.reps, cold=True, track_rss=track_rss)
+            run_loads(cold_loads, args.reps, cold=True)
         warm_loads = loads()
-        run_loads(warm_loads, args.reps, cold=False, track_rss=track_rss)
+        run_loads(warm_loads, args.reps, cold=False)
+        if track_rss:  # last: it changes malloc settings for the rest of the process
+            pin_malloc_mmap_threshold()
+            measure_peak_rss(saves)
+            measure_peak_rss(warm_loads)
 
-        print_table("SAVE (durable: file + directory fsynced)", saves, nbytes, saves[0], track_rss)
+        print_table("SAVE (durable: file + directory fsynced)", saves, nbytes, saves[0])
         if cold_loads:
             title = "LOAD, cold page cache (sync; drop_caches before each)"
-            print_table(title, cold_loads, nbytes, cold_loads[0], track_rss)
+            print_table(title, cold_loads, nbytes, cold_loads[0])
         else:
             print(f"\nLOAD, cold page cache: skipped, cannot drop the page cache ({cold_reason}); warm figures only")
-        print_table("LOAD, warm page cache", warm_loads, nbytes, warm_loads[0], track_rss)
+        print_table("LOAD, warm page cache", warm_loads, nbytes, warm_loads[0])
         print(
             "\nx raw = median time / median time of the raw write (saves) or raw read (loads) in this run."
-            "\npeak RSS = highest resident memory during the operation minus resident memory at its start;"
+            "\npeak RSS = highest resident memory during the operation minus resident memory at its start"
+            "\n  (one extra untimed run per operation, warm cache, every buffer >= 1 MiB freshly mapped);"
             "\n  lazy mmap = safetensors' default backend: tensors map the file and no byte is read until used.\n"
             "  raw read into live tensors = readinto() the storage of the live model/optimizer (the in-place bound)."
         )
