@@ -20,6 +20,7 @@ from runstate.errors import (
 from runstate.manager import CheckpointManager
 from runstate.rng import RNG
 from runstate.stateful import Stateful
+from runstate.verify import Problem, VerifyReport, verify
 
 __all__ = [
     "RNG",
@@ -31,11 +32,14 @@ __all__ = [
     "CorruptCheckpointError",
     "FormatVersionError",
     "LockError",
+    "Problem",
     "StateMismatchError",
     "Stateful",
     "StepExistsError",
     "UnsupportedTypeError",
+    "VerifyReport",
     "__version__",
     "load",
     "save",
+    "verify",
 ]

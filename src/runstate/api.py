@@ -8,13 +8,13 @@ from typing import Any
 
 from runstate.checkpoint import (
     CheckpointInfo,
-    CheckpointReader,
     prepare,
     validate_state,
     validate_step,
     write_checkpoint,
 )
 from runstate.errors import CheckpointWriteError
+from runstate.reader import CheckpointReader
 from runstate.restore import plain, restore_state
 from runstate.storage.local import commit_directory
 

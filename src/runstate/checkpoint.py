@@ -17,26 +17,23 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from runstate._version import __version__
-from runstate.adapters import codec_for_lib, find_codec, object_codecs
+from runstate.adapters import find_codec, object_codecs
 from runstate.errors import (
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
     UnsupportedTypeError,
 )
 from runstate.format.manifest import MANIFEST_NAME, ItemEntry, Manifest, TensorEntry
-from runstate.format.safetensors_io import checksum, read_header, read_tensor_bytes, write_safetensors
-from runstate.format.tensors import NumpyCodec, TensorBlob
-from runstate.format.tree import Decoder, Encoder
+from runstate.format.safetensors_io import write_safetensors
+from runstate.format.tensors import TensorBlob
+from runstate.format.tree import Encoder
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
     "CheckpointInfo",
-    "CheckpointReader",
     "PreparedState",
     "prepare",
     "write_checkpoint",
@@ -211,136 +208,3 @@ def write_checkpoint(
         f.flush()
         os.fsync(f.fileno())
     return CheckpointInfo(step, directory, created, prepared.metrics, manifest.nbytes + len(raw))
-
-
-def _missing(path: str) -> CheckpointNotFoundError:
-    if os.path.isfile(path):
-        return CheckpointNotFoundError(
-            f"{path} is a file, not a checkpoint directory; pass the directory runstate.save wrote"
-        )
-    if os.path.isdir(path):
-        steps = sorted(n for n in os.listdir(path) if n.startswith("step-"))
-        if steps:
-            return CheckpointNotFoundError(
-                f"{path} is a run directory, not a checkpoint; use CheckpointManager({path!r}).restore(state) "
-                f"or pass one of its checkpoints, e.g. {os.path.join(path, steps[-1])}"
-            )
-        return CheckpointNotFoundError(f"{path} has no {MANIFEST_NAME}; it is not a (committed) runstate checkpoint")
-    return CheckpointNotFoundError(f"no checkpoint at {path}")
-
-
-class CheckpointReader:
-    """Reads a committed checkpoint; every tensor is checked against its checksum.
-
-    Use as a context manager so that open files are closed.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = os.fspath(path)
-        manifest_path = os.path.join(self.path, MANIFEST_NAME)
-        try:
-            with open(manifest_path, "rb") as f:
-                raw = f.read()
-        except (FileNotFoundError, NotADirectoryError):
-            raise _missing(self.path) from None
-        self.manifest = Manifest.from_json_bytes(raw, manifest_path)
-        self.manifest_nbytes = len(raw)
-        self._files: dict[str, tuple[IO[bytes], int]] = {}
-        self._objects = object_codecs(for_loading=True)
-
-    def __enter__(self) -> CheckpointReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close every open tensor file."""
-        for f, _ in self._files.values():
-            f.close()
-        self._files.clear()
-
-    def info(self) -> CheckpointInfo:
-        """The checkpoint's :class:`CheckpointInfo`."""
-        m = self.manifest
-        metrics = Decoder("metrics", self._no_tensor, []).decode(m.metrics)
-        return CheckpointInfo(m.step, self.path, m.created, metrics, m.nbytes + self.manifest_nbytes)
-
-    @staticmethod
-    def _no_tensor(name: str) -> Any:
-        raise CorruptCheckpointError(f"manifest.json: metrics refer to tensor {name!r}")
-
-    def _open(self, fname: str) -> tuple[IO[bytes], int]:
-        if fname in self._files:
-            return self._files[fname]
-        fpath = os.path.join(self.path, fname)
-        expected = self.manifest.files.get(fname)
-        if expected is None or os.path.basename(fname) != fname:
-            raise CorruptCheckpointError(
-                f"{self.path}/{MANIFEST_NAME}: tensor file {fname!r} is not listed in the manifest"
-            )
-        try:
-            f = open(fpath, "rb")  # noqa: SIM115 - kept open across tensors, closed in close()
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{fpath}: file is missing; the checkpoint is incomplete") from None
-        size = os.fstat(f.fileno()).st_size
-        if size != expected:
-            f.close()
-            raise CorruptCheckpointError(f"{fpath}: size is {size} bytes, the manifest says {expected}")
-        header, data_start = read_header(f, fpath)
-        self._check_header(fpath, fname, header, size - data_start)
-        self._files[fname] = (f, data_start)
-        return f, data_start
-
-    def _check_header(self, fpath: str, fname: str, header: dict[str, Any], data_size: int) -> None:
-        listed = {
-            (item, tname): e
-            for item, entry in self.manifest.items.items()
-            for tname, e in entry.tensors.items()
-            if e.file == fname
-        }
-        names = {t for (_, t) in listed}
-        in_header = {k for k in header if k != "__metadata__"}
-        if in_header != names:
-            raise CorruptCheckpointError(
-                f"{fpath}: header lists tensors {sorted(in_header ^ names)[:5]} that differ from the manifest"
-            )
-        end = 0
-        for (_, tname), e in listed.items():
-            h = header[tname]
-            if (
-                not isinstance(h, dict)
-                or h.get("dtype") != e.dtype
-                or h.get("shape") != list(e.shape)
-                or h.get("data_offsets") != [e.begin, e.end]
-            ):
-                raise CorruptCheckpointError(
-                    f"{fpath}: header entry of tensor {tname!r} differs from the manifest ({h!r})"
-                )
-            end = max(end, e.end)
-        if end != data_size:
-            raise CorruptCheckpointError(f"{fpath}: data section is {data_size} bytes, the tensors need {end}")
-
-    def load_tensor(self, item: str, name: str) -> Any:
-        """Read, verify and rebuild one tensor of ``item``."""
-        entry = self.manifest.items[item].tensors.get(name)
-        if entry is None:
-            raise CorruptCheckpointError(
-                f"{self.path}/{MANIFEST_NAME}: item {item!r} refers to unknown tensor {name!r}"
-            )
-        f, data_start = self._open(entry.file)
-        fpath = os.path.join(self.path, entry.file)
-        data = read_tensor_bytes(f, fpath, data_start, entry.begin, entry.end)
-        if checksum(data) != entry.xxh3:
-            raise CorruptCheckpointError(
-                f"{fpath}: checksum mismatch in tensor {name!r} of item {item!r}; the file is "
-                "damaged, restore from another checkpoint"
-            )
-        codec = codec_for_lib(entry.lib) or NumpyCodec()
-        return codec.from_bytes(data, entry.dtype, entry.shape, entry.meta)
-
-    def load_item(self, item: str) -> Any:
-        """Decode one item; stateful objects come back as ``StatefulState``."""
-        entry = self.manifest.items[item]
-        decoder = Decoder(item, lambda name: self.load_tensor(item, name), self._objects)
-        return decoder.decode(entry.tree)

@@ -30,7 +30,18 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 class CorruptCheckpointError(CheckpointError, ValueError):
-    """A checkpoint's bytes do not match its manifest: a checksum, size or header differs."""
+    """A checkpoint's bytes do not match its manifest: a checksum, size or header differs.
+
+    Attributes:
+        file: the file inside the checkpoint that is damaged (``manifest.json``,
+            ``model.safetensors``...), when known.
+        tensor: the tensor whose bytes are damaged, when known.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+        self.tensor = tensor
 
 
 class StateMismatchError(CheckpointError, ValueError):

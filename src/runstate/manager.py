@@ -17,14 +17,20 @@ from typing import Any
 
 from runstate.checkpoint import (
     CheckpointInfo,
-    CheckpointReader,
     prepare,
     validate_state,
     validate_step,
     write_checkpoint,
 )
-from runstate.errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+from runstate.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+)
+from runstate.format.manifest import MANIFEST_NAME
 from runstate.policies import Retention, SaveCadence
+from runstate.reader import CheckpointReader
 from runstate.restore import restore_state
 from runstate.storage.local import (
     RunLock,
@@ -34,6 +40,7 @@ from runstate.storage.local import (
     remove_leftovers,
     step_dirname,
 )
+from runstate.verify import verify as verify_checkpoint
 
 __all__ = ["CheckpointManager"]
 
@@ -81,6 +88,7 @@ class CheckpointManager:
         self._lock = RunLock(self.directory)
         self._last_save = time.monotonic()
         self._closed = False
+        self._corrupt: set[int] = set()  # steps found damaged by restore(): never deleted or overwritten
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r})"
@@ -139,8 +147,17 @@ class CheckpointManager:
         *,
         metrics: Mapping[str, Any] | None = None,
         force: bool = False,
+        verify: bool = False,
     ) -> bool:
         """Save ``state`` as step ``step`` if the cadence says so (or ``force``).
+
+        Args:
+            step: the training step (a non-negative int).
+            state: the named items to save (see :func:`runstate.save`).
+            metrics: numbers recorded with the checkpoint (used by ``keep_best``).
+            force: write even when the cadence says the step is not due.
+            verify: read every byte back from disk (page cache dropped) and check it before
+                committing. Costs one extra read of the checkpoint; off by default.
 
         Returns:
             True when a checkpoint was written and committed.
@@ -162,14 +179,32 @@ class CheckpointManager:
             self._lock.acquire()
             for leftover in remove_leftovers(self.directory):
                 logger.info("removed leftover of an interrupted save: %s", leftover)
+        self._move_aside_if_corrupt(step)
         with commit_directory(self.path(step)) as tmp:
             write_checkpoint(tmp, prepared, step=step)
+            if verify:
+                _drop_page_cache(tmp)
+                report = verify_checkpoint(tmp)
+                if not report.ok:
+                    raise CorruptCheckpointError(
+                        f"{self.path(step)}: read-back verification failed, nothing was committed: "
+                        + "; ".join(map(str, report.problems))
+                    )
         self._last_save = now
         self._apply_retention(step)
         return True
 
+    def _move_aside_if_corrupt(self, step: int) -> None:
+        """A step found corrupt by ``restore`` is kept for inspection under another name."""
+        path = self.path(step)
+        if step in self._corrupt and os.path.isdir(path):
+            aside = f"{path}.corrupt-{int(time.time())}"
+            os.rename(path, aside)
+            self._corrupt.discard(step)
+            logger.warning("moved corrupt checkpoint %s aside to %s before saving step %d again", path, aside, step)
+
     def _apply_retention(self, just_saved: int) -> None:
-        committed = list_committed(self.directory)
+        committed = {s: p for s, p in list_committed(self.directory).items() if s not in self._corrupt}
         metrics: dict[int, Mapping[str, Any]] = {}
         if self.retention.needs_metrics:
             for s, p in committed.items():
@@ -189,23 +224,65 @@ class CheckpointManager:
         *,
         step: int | None = None,
         strict: bool = True,
+        fallback: bool = True,
     ) -> int | None:
         """Restore ``state`` from the newest checkpoint (or ``step``).
+
+        Args:
+            state: the live state; restored in place (see :func:`runstate.load`).
+            step: restore this step instead of the newest.
+            strict: require the state to match the checkpoint exactly.
+            fallback: when the newest checkpoint is damaged, log a WARNING naming it and
+                restore the newest one that is intact instead. Damaged checkpoints are never
+                deleted: retention skips them, and they stay for inspection.
 
         Returns:
             The restored step, or None when the directory holds no checkpoint (state unchanged).
 
         Raises:
             CheckpointNotFoundError: ``step`` was given and is not committed.
-            CorruptCheckpointError: the checkpoint's bytes do not match its manifest.
+            CorruptCheckpointError: the checkpoint is damaged (and ``fallback`` is False, or
+                ``step`` was given, or no checkpoint is intact).
             StateMismatchError: ``strict`` and the state does not match the checkpoint.
         """
         validate_state(state, f"{self!r}.restore()")
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                return None
-        path = self._existing(step)
-        with CheckpointReader(path) as reader:
+        if step is not None:
+            self._restore_from(self._existing(step), state, strict)
+            return step
+        skipped: list[str] = []
+        for candidate, path in reversed(list_committed(self.directory).items()):
+            try:
+                self._restore_from(path, state, strict)
+            except CorruptCheckpointError as exc:
+                self._corrupt.add(candidate)
+                if not fallback:
+                    raise
+                logger.warning("skipping damaged checkpoint %s: %s", path, exc)
+                skipped.append(f"{path}: {exc}")
+                continue
+            if skipped:
+                logger.warning("restored step %d after skipping %d damaged checkpoint(s)", candidate, len(skipped))
+            return candidate
+        if skipped:
+            raise CorruptCheckpointError(
+                f"{self.directory}: every checkpoint is damaged, nothing was restored:\n  " + "\n  ".join(skipped)
+            )
+        return None
+
+    def _restore_from(self, path: str, state: MutableMapping[str, Any], strict: bool) -> None:
+        try:
+            reader = CheckpointReader(path)
+        except CheckpointNotFoundError as exc:  # a committed directory always has a manifest
+            raise CorruptCheckpointError(f"{path}: {MANIFEST_NAME} is missing", file=MANIFEST_NAME) from exc
+        with reader:
             restore_state(reader, state, strict=strict)
-        return step
+
+
+def _drop_page_cache(directory: str) -> None:
+    """Ask the kernel to forget cached pages of the files, so a read-back hits the disk."""
+    for name in os.listdir(directory):
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

@@ -13,9 +13,9 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from runstate.checkpoint import CheckpointReader
 from runstate.errors import StateMismatchError
 from runstate.format.tree import StatefulState, format_path
+from runstate.reader import CheckpointReader
 from runstate.stateful import is_stateful
 
 __all__ = ["plain", "restore_state"]

@@ -9,12 +9,15 @@ else, so an edit or a flipped byte is detected before anything is trusted.
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
 
 from runstate.errors import CorruptCheckpointError, FormatVersionError
+from runstate.format.tensors import DTYPE_SIZES
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "ItemEntry", "Manifest", "TensorEntry"]
 
@@ -51,18 +54,35 @@ class TensorEntry:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> TensorEntry:
+        """Parse one index entry, checking that it is self-consistent.
+
+        Raises:
+            ValueError: a field has the wrong type, or the sizes do not add up.
+        """
         meta = {k: v for k, v in obj.items() if k not in _ENTRY_FIELDS}
         begin, end = obj["data_offsets"]
-        return cls(
-            file=str(obj["file"]),
-            dtype=str(obj["dtype"]),
-            shape=tuple(int(s) for s in obj["shape"]),
-            begin=int(begin),
-            end=int(end),
-            xxh3=str(obj["xxh3"]),
-            lib=str(obj["lib"]),
+        entry = cls(
+            file=_str(obj["file"]),
+            dtype=_str(obj["dtype"]),
+            shape=tuple(_count(s) for s in obj["shape"]),
+            begin=_count(begin),
+            end=_count(end),
+            xxh3=_str(obj["xxh3"]),
+            lib=_str(obj["lib"]),
             meta=meta,
         )
+        size = DTYPE_SIZES.get(entry.dtype)
+        if size is None:
+            raise ValueError(f"unknown dtype {entry.dtype!r}")
+        if entry.end - entry.begin != math.prod(entry.shape) * size:
+            raise ValueError(f"data_offsets {[begin, end]} do not fit shape {list(entry.shape)} of {entry.dtype}")
+        if not _is_plain_file_name(entry.file):
+            raise ValueError(f"file name {entry.file!r} is not a plain .safetensors name inside the checkpoint")
+        if "lib_shape" in meta and not (
+            isinstance(meta["lib_shape"], list) and all(type(d) is int and d >= 0 for d in meta["lib_shape"])
+        ):
+            raise ValueError(f"lib_shape {meta['lib_shape']!r} is not a list of sizes")
+        return entry
 
 
 @dataclass(frozen=True)
@@ -126,25 +146,33 @@ class Manifest:
         """
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CorruptCheckpointError(
-                f"{path}: not valid JSON ({exc}); the manifest is damaged, use another checkpoint"
+                f"{path}: not valid JSON ({exc}); the manifest is damaged, use another checkpoint",
+                file=MANIFEST_NAME,
             ) from exc
         if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
-            raise CorruptCheckpointError(f'{path}: not a runstate manifest (no "format": "runstate")')
+            raise CorruptCheckpointError(
+                f'{path}: not a runstate manifest (no "format": "runstate")', file=MANIFEST_NAME
+            )
         version = body.get("format_version")
         if type(version) is not int:
-            raise CorruptCheckpointError(f"{path}: format_version is missing or not an integer")
+            raise CorruptCheckpointError(f"{path}: format_version is missing or not an integer", file=MANIFEST_NAME)
         if version > FORMAT_VERSION:
             raise FormatVersionError(
                 f"{path}: written with format version {version}, but this runstate reads up to "
                 f"version {FORMAT_VERSION}; upgrade runstate (pip install -U runstate)"
             )
         stored = body.pop("checksum", None)
-        if stored != _canonical_checksum(body):
+        try:
+            computed = _canonical_checksum(body)
+        except (ValueError, RecursionError):  # NaN/Infinity literals or absurd nesting
+            computed = None
+        if computed is None or stored != computed:
             raise CorruptCheckpointError(
                 f"{path}: manifest checksum mismatch (stored {stored!r}); the manifest was "
-                "edited or damaged, use another checkpoint"
+                "edited or damaged, use another checkpoint",
+                file=MANIFEST_NAME,
             )
         try:
             step = body["step"]
@@ -157,17 +185,54 @@ class Manifest:
                 )
                 for name, item in body["items"].items()
             }
+            files = {_str(k): _count(v["nbytes"]) for k, v in body["files"].items()}
+            for name in files:
+                if not _is_plain_file_name(name):
+                    raise ValueError(f"file name {name!r} is not a plain .safetensors name inside the checkpoint")
+            for item_name, item_entry in items.items():
+                if not isinstance(item_entry.tree, dict):
+                    raise TypeError(f"item {item_name!r}: tree is not an object")
+                for tname, entry in item_entry.tensors.items():
+                    if entry.file not in files:
+                        raise ValueError(f"tensor {tname!r} of item {item_name!r} is in unlisted file {entry.file!r}")
+            metrics = body["metrics"]
+            if not isinstance(metrics, dict):
+                raise TypeError("metrics is not an object")
             return cls(
                 step=step,
-                created=str(body["created"]),
-                metrics=dict(body["metrics"]),
-                versions={str(k): str(v) for k, v in body["versions"].items()},
+                created=_str(body["created"]),
+                metrics=metrics,
+                versions={_str(k): _str(v) for k, v in body["versions"].items()},
                 items=items,
-                files={str(k): int(v["nbytes"]) for k, v in body["files"].items()},
+                files=files,
                 format_version=version,
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CorruptCheckpointError(f"{path}: malformed manifest field ({exc!r})") from exc
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            raise CorruptCheckpointError(f"{path}: malformed manifest field ({exc!r})", file=MANIFEST_NAME) from exc
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _is_plain_file_name(name: str) -> bool:
+    """True for a file name that stays inside the checkpoint directory."""
+    return (
+        name.endswith(".safetensors")
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and os.path.basename(name) == name
+    )
 
 
 def _canonical_checksum(body: dict[str, Any]) -> str:

@@ -259,7 +259,8 @@ class Decoder:
     def _bad(self, path: tuple[PathPart, ...], what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(
             f"manifest.json: item {self.item!r} at {format_path((self.item, *path))}: {what}; "
-            "the manifest is damaged, restore from another checkpoint"
+            "the manifest is damaged, restore from another checkpoint",
+            file="manifest.json",
         )
 
     def _decode(self, node: Any, path: tuple[PathPart, ...]) -> Any:
@@ -311,8 +312,9 @@ class Decoder:
                     f"{format_path((self.item, *path))}: objects of kind {node['kind']!r} need "
                     "a framework that is not installed (torch?); install it to load this value"
                 )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            if isinstance(exc, (CorruptCheckpointError, UnsupportedTypeError)):
-                raise
-            raise self._bad(path, f"malformed {t!r} node ({exc})") from exc
+        except (CorruptCheckpointError, UnsupportedTypeError):
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as exc:
+            # RecursionError is a RuntimeError: absurdly deep trees are damage too.
+            raise self._bad(path, f"malformed {t!r} node ({exc!r})") from exc
         raise self._bad(path, f"unknown node type {t!r}")

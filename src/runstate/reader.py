@@ -1,0 +1,221 @@
+"""Reading a committed checkpoint, treating every byte as untrusted.
+
+Checkpoints may come from strangers, so nothing read is believed before it is checked: the
+manifest's own checksum and schema (with size limits), every file name (a plain name inside
+the checkpoint directory, never a symlink), every safetensors header against the manifest
+(dtype, shape, offsets inside the file, contiguous, not overlapping), and every tensor's
+XXH3 checksum. Whatever goes wrong surfaces as ``CorruptCheckpointError``, never as an
+exception from deep inside a parser. Nothing here can run code from the checkpoint: class
+names in the manifest are informational and never imported.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import IO, Any
+
+from runstate.adapters import codec_for_lib, object_codecs
+from runstate.checkpoint import CheckpointInfo
+from runstate.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedTypeError
+from runstate.format.manifest import MANIFEST_NAME, Manifest, TensorEntry
+from runstate.format.safetensors_io import checksum, read_header, read_tensor_bytes
+from runstate.format.tensors import NumpyCodec
+from runstate.format.tree import Decoder
+
+__all__ = ["MAX_MANIFEST_BYTES", "CheckpointReader"]
+
+#: A manifest larger than this is refused (a real one is a few MB for a large model).
+MAX_MANIFEST_BYTES = 1024**3
+
+
+def _missing(path: str) -> CheckpointNotFoundError:
+    if os.path.isfile(path):
+        return CheckpointNotFoundError(
+            f"{path} is a file, not a checkpoint directory; pass the directory runstate.save wrote"
+        )
+    if os.path.isdir(path):
+        steps = sorted(n for n in os.listdir(path) if n.startswith("step-"))
+        if steps:
+            return CheckpointNotFoundError(
+                f"{path} is a run directory, not a checkpoint; use CheckpointManager({path!r}).restore(state) "
+                f"or pass one of its checkpoints, e.g. {os.path.join(path, steps[-1])}"
+            )
+        return CheckpointNotFoundError(f"{path} has no {MANIFEST_NAME}; it is not a (committed) runstate checkpoint")
+    return CheckpointNotFoundError(f"no checkpoint at {path}")
+
+
+def _open_regular(path: str, name: str) -> IO[bytes]:
+    """Open a regular file that is not a symlink, or raise ``CorruptCheckpointError``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path}: file is missing; the checkpoint is incomplete", file=name) from None
+    except OSError as exc:
+        raise CorruptCheckpointError(
+            f"{path}: cannot be opened safely ({exc.strerror}); symlinks are refused", file=name
+        ) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptCheckpointError(f"{path}: not a regular file", file=name)
+    return os.fdopen(fd, "rb")
+
+
+class CheckpointReader:
+    """Reads a committed checkpoint; every tensor is checked against its checksum.
+
+    Use as a context manager so that open files are closed.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` has no manifest.
+        CorruptCheckpointError: the manifest is damaged or malformed.
+        FormatVersionError: the checkpoint needs a newer runstate.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = os.fspath(path)
+        manifest_path = os.path.join(self.path, MANIFEST_NAME)
+        if not os.path.lexists(manifest_path):
+            raise _missing(self.path)
+        with _open_regular(manifest_path, MANIFEST_NAME) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise CorruptCheckpointError(f"{manifest_path}: {size} bytes is implausibly large", file=MANIFEST_NAME)
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        self.manifest = Manifest.from_json_bytes(raw, manifest_path)
+        self.manifest_nbytes = len(raw)
+        self._files: dict[str, tuple[IO[bytes], int]] = {}
+        self._objects = object_codecs(for_loading=True)
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every open tensor file."""
+        for f, _ in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def info(self) -> CheckpointInfo:
+        """The checkpoint's :class:`CheckpointInfo`."""
+        m = self.manifest
+        metrics = Decoder("metrics", self._no_tensor, []).decode(m.metrics)
+        if not isinstance(metrics, dict):
+            raise CorruptCheckpointError(f"{self.path}/{MANIFEST_NAME}: metrics is not a dict", file=MANIFEST_NAME)
+        return CheckpointInfo(m.step, self.path, m.created, metrics, m.nbytes + self.manifest_nbytes)
+
+    @staticmethod
+    def _no_tensor(name: str) -> Any:
+        raise CorruptCheckpointError(f"manifest.json: metrics refer to tensor {name!r}", file=MANIFEST_NAME)
+
+    def open_file(self, fname: str) -> tuple[IO[bytes], int]:
+        """Open a tensor file, checking its size and header; return it and its data offset."""
+        if fname in self._files:
+            return self._files[fname]
+        fpath = os.path.join(self.path, fname)
+        expected = self.manifest.files[fname]
+        f = _open_regular(fpath, fname)
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size != expected:
+                raise CorruptCheckpointError(f"{fpath}: size is {size} bytes, the manifest says {expected}", file=fname)
+            try:
+                header, data_start = read_header(f, fpath)
+            except CorruptCheckpointError as exc:
+                exc.file = fname
+                raise
+            self._check_header(fpath, fname, header, size - data_start)
+        except BaseException:
+            f.close()
+            raise
+        self._files[fname] = (f, data_start)
+        return f, data_start
+
+    def _check_header(self, fpath: str, fname: str, header: dict[str, Any], data_size: int) -> None:
+        listed = {
+            tname: e for entry in self.manifest.items.values() for tname, e in entry.tensors.items() if e.file == fname
+        }
+        in_header = {k for k in header if k != "__metadata__"}
+        if in_header != set(listed):
+            raise CorruptCheckpointError(
+                f"{fpath}: header lists tensors {sorted(in_header ^ set(listed))[:5]} that differ from the manifest",
+                file=fname,
+            )
+        end = 0
+        for tname, e in sorted(listed.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+            h = header[tname]
+            if (
+                not isinstance(h, dict)
+                or h.get("dtype") != e.dtype
+                or h.get("shape") != list(e.shape)
+                or h.get("data_offsets") != [e.begin, e.end]
+            ):
+                raise CorruptCheckpointError(
+                    f"{fpath}: header entry of tensor {tname!r} differs from the manifest", file=fname, tensor=tname
+                )
+            if e.begin != end:
+                raise CorruptCheckpointError(
+                    f"{fpath}: tensor {tname!r} starts at {e.begin}, expected {end} (gap or overlap)",
+                    file=fname,
+                    tensor=tname,
+                )
+            end = e.end
+        if end != data_size:
+            raise CorruptCheckpointError(
+                f"{fpath}: data section is {data_size} bytes, the tensors need {end}", file=fname
+            )
+
+    def entry(self, item: str, name: str) -> TensorEntry:
+        """The index entry of one tensor of ``item``."""
+        entry = self.manifest.items[item].tensors.get(name)
+        if entry is None:
+            raise CorruptCheckpointError(
+                f"{self.path}/{MANIFEST_NAME}: item {item!r} refers to unknown tensor {name!r}",
+                file=MANIFEST_NAME,
+                tensor=name,
+            )
+        return entry
+
+    def read_verified(self, item: str, name: str) -> Any:
+        """Read one tensor's bytes and check them against the checksum; return a uint8 array."""
+        entry = self.entry(item, name)
+        f, data_start = self.open_file(entry.file)
+        fpath = os.path.join(self.path, entry.file)
+        try:
+            data = read_tensor_bytes(f, fpath, data_start, entry.begin, entry.end)
+        except CorruptCheckpointError as exc:
+            exc.file, exc.tensor = entry.file, name
+            raise
+        if checksum(data) != entry.xxh3:
+            raise CorruptCheckpointError(
+                f"{fpath}: checksum mismatch in tensor {name!r} of item {item!r}; the file is "
+                "damaged, restore from another checkpoint",
+                file=entry.file,
+                tensor=name,
+            )
+        return data
+
+    def load_tensor(self, item: str, name: str) -> Any:
+        """Read, verify and rebuild one tensor of ``item``."""
+        data = self.read_verified(item, name)
+        entry = self.entry(item, name)
+        codec = codec_for_lib(entry.lib) or NumpyCodec()
+        try:
+            return codec.from_bytes(data, entry.dtype, entry.shape, entry.meta)
+        except UnsupportedTypeError:
+            raise
+        except (ValueError, TypeError, RuntimeError, AttributeError) as exc:
+            raise CorruptCheckpointError(
+                f"{self.path}/{entry.file}: tensor {name!r} cannot be rebuilt from its index entry ({exc})",
+                file=entry.file,
+                tensor=name,
+            ) from exc
+
+    def load_item(self, item: str) -> Any:
+        """Decode one item; stateful objects come back as ``StatefulState``."""
+        entry = self.manifest.items[item]
+        decoder = Decoder(item, lambda name: self.load_tensor(item, name), self._objects)
+        return decoder.decode(entry.tree)
