@@ -37,6 +37,7 @@ from runstate.storage.local import (
     commit_directory,
     delete_directory,
     list_committed,
+    list_leftovers,
     remove_leftovers,
     step_dirname,
 )
@@ -113,6 +114,30 @@ class CheckpointManager:
     def path(self, step: int) -> str:
         """The directory of ``step``'s checkpoint (whether or not it exists)."""
         return os.path.join(self.directory, step_dirname(validate_step(step)))
+
+    def leftovers(self) -> list[str]:
+        """Temporaries of interrupted saves or deletions (``.tmp-*``, ``.del-*``): never committed."""
+        return list_leftovers(self.directory)
+
+    def clean(self, *, dry_run: bool = False) -> list[str]:
+        """Remove the leftovers of interrupted saves; committed checkpoints are never touched.
+
+        Takes the writer lock, so it never removes the temporary of a save in progress.
+
+        Args:
+            dry_run: only list what would be removed.
+
+        Returns:
+            The paths removed (or that would be removed).
+
+        Raises:
+            LockError: another live process is writing to this directory.
+        """
+        self._check_open()
+        if not os.path.isdir(self.directory):
+            return []
+        self._lock.acquire()
+        return self.leftovers() if dry_run else remove_leftovers(self.directory)
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
