@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import Mapping, MutableMapping
-from types import TracebackType
+from collections.abc import Mapping, MutableMapping, Sequence
+from types import FrameType, TracebackType
 from typing import Any
 
 from runstate.checkpoint import (
@@ -60,6 +62,11 @@ class CheckpointManager:
         best_mode: ``"min"`` (lower is better) or ``"max"``.
         save_every_steps: ``save`` writes only at steps divisible by this...
         save_every_seconds: ...or when this many seconds passed since the last save.
+        save_on_signals: signals (e.g. ``signal.SIGTERM`` sent by a scheduler before
+            preemption) after which the next ``save`` writes regardless of the cadence and
+            sets :attr:`preempted`. The handler only sets a flag (no I/O in a signal
+            handler); the previous handlers are restored by :meth:`close`. Must be created in
+            the main thread when signals are given.
 
     Example:
         >>> with runstate.CheckpointManager("runs/exp", save_every_steps=100) as mgr:  # doctest: +SKIP
@@ -80,6 +87,7 @@ class CheckpointManager:
         best_mode: str = "min",
         save_every_steps: int | None = None,
         save_every_seconds: float | None = None,
+        save_on_signals: Sequence[int] = (),
     ) -> None:
         self.directory = os.fspath(directory)
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
@@ -90,6 +98,33 @@ class CheckpointManager:
         self._last_save = time.monotonic()
         self._closed = False
         self._corrupt: set[int] = set()  # steps found damaged by restore(): never deleted or overwritten
+        self._signal: int | None = None
+        self._preempted = False
+        self._previous_handlers: dict[int, Any] = {}
+        if save_on_signals:
+            self._install_handlers(tuple(save_on_signals))
+
+    def _install_handlers(self, signums: tuple[int, ...]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise CheckpointError(
+                f"save_on_signals={signums!r}: signal handlers can only be installed from the main thread; "
+                "create the CheckpointManager there, or leave save_on_signals empty"
+            )
+        for signum in signums:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signal = signum  # only a flag: the next save() does the I/O
+
+    @property
+    def preempted(self) -> bool:
+        """True once a checkpoint was written after one of ``save_on_signals`` arrived."""
+        return self._preempted
+
+    @property
+    def signal_received(self) -> int | None:
+        """The number of the last ``save_on_signals`` signal received, if any."""
+        return self._signal
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r})"
@@ -103,8 +138,11 @@ class CheckpointManager:
         self.close()
 
     def close(self) -> None:
-        """Release the writer lock. Idempotent."""
+        """Release the writer lock and restore previous signal handlers. Idempotent."""
         self._lock.release()
+        while self._previous_handlers:
+            signum, handler = self._previous_handlers.popitem()
+            signal.signal(signum, handler)
         self._closed = True
 
     def _check_open(self) -> None:
@@ -197,7 +235,8 @@ class CheckpointManager:
         step = validate_step(step)
         validate_state(state, f"{self!r}.save(step={step})")
         now = time.monotonic()
-        if not force and not self.cadence.should_save(step, now - self._last_save):
+        signalled = self._signal is not None and not self._preempted
+        if not (force or signalled) and not self.cadence.should_save(step, now - self._last_save):
             return False
         prepared = prepare(state, metrics)
         if not self._lock.held:
@@ -217,6 +256,9 @@ class CheckpointManager:
                     )
         self._last_save = now
         self._apply_retention(step)
+        if signalled:
+            self._preempted = True
+            logger.warning("saved step %d after signal %d; mgr.preempted is now True", step, self._signal)
         return True
 
     def _move_aside_if_corrupt(self, step: int) -> None:
