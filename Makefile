@@ -14,7 +14,7 @@ $(STAMP): requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/runstate demo --out runstate-demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks

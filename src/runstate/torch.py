@@ -119,9 +119,23 @@ class ResumableSampler(Sampler[int]):
         self.position = int(state_dict["position"])
 
 
-def _sample_seeds(seed: int, epoch: int, index: int) -> tuple[int, int, int]:
-    words = np.random.SeedSequence([seed, epoch, index]).generate_state(4, dtype=np.uint32)
-    return int(words[0]), int(words[1]), (int(words[2]) << 32) | int(words[3])
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """SplitMix64 finalizer: a fast, well-spread 64-bit hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _seed_all(seed: int, epoch: int, index: int) -> None:
+    """Seed Python's, NumPy's and torch's CPU generators from ``(seed, epoch, index)``."""
+    h = _mix(_mix(_mix(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64))
+    random.seed(h)
+    np.random.seed(h & 0xFFFFFFFF)
+    torch.default_generator.manual_seed(_mix(h))
 
 
 class SeededDataset(Dataset[Any]):
@@ -130,7 +144,8 @@ class SeededDataset(Dataset[Any]):
     Before ``dataset[index]`` it seeds Python's ``random``, NumPy's global RNG and torch's
     CPU RNG from ``(seed, epoch, index)``; ``epoch`` comes from a :class:`SampleIndex`
     (0 for a plain int). In the main process the previous global states are restored
-    afterwards; in a worker process the worker's own generators are simply reseeded.
+    afterwards (once per batch, through ``__getitems__``); in a worker process the worker's
+    own generators are simply reseeded.
 
     Args:
         dataset: the dataset to wrap.
@@ -144,19 +159,20 @@ class SeededDataset(Dataset[Any]):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
+    def _load(self, index: int) -> Any:
+        _seed_all(self.seed, getattr(index, "epoch", 0), int(index))
+        return self.dataset[int(index)]
+
     def __getitem__(self, index: int) -> Any:
-        py_seed, np_seed, torch_seed = _sample_seeds(self.seed, getattr(index, "epoch", 0), int(index))
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """Load a batch; the DataLoader calls this instead of one ``__getitem__`` per sample."""
         if get_worker_info() is not None:
-            random.seed(py_seed)
-            np.random.seed(np_seed)
-            torch.manual_seed(torch_seed)
-            return self.dataset[int(index)]
+            return [self._load(i) for i in indices]
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
-            random.seed(py_seed)
-            np.random.seed(np_seed)
-            torch.manual_seed(torch_seed)
-            return self.dataset[int(index)]
+            return [self._load(i) for i in indices]
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])

@@ -17,7 +17,7 @@ import runstate
 __all__ = ["main"]
 
 #: Modules that register a subcommand, in the order ``--help`` lists them.
-COMMAND_MODULES = ("runstate.cli.run",)
+COMMAND_MODULES = ("runstate.cli.run", "runstate.cli.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
