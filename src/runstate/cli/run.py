@@ -93,7 +93,11 @@ def supervise(
             restarts += 1
             delay = min(backoff * 2 ** (restarts - 1), 60.0) if backoff > 0 else 0.0
             log.warning(
-                "runstate run: the command %s; restart %d of %d in %.1f s", _describe(code), restarts, max_restarts, delay
+                "runstate run: the command %s; restart %d of %d in %.1f s",
+                _describe(code),
+                restarts,
+                max_restarts,
+                delay,
             )
             deadline = time.monotonic() + delay
             while not stop_signal and time.monotonic() < deadline:
@@ -110,7 +114,10 @@ def _run(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        print("runstate run: error: give the command to run after --, e.g. runstate run -- python train.py", file=sys.stderr)
+        print(
+            "runstate run: error: give the command to run after --, e.g. runstate run -- python train.py",
+            file=sys.stderr,
+        )
         return 2
     if not logging.getLogger().handlers and not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -128,9 +135,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(__doc__ or "").split("\n\n")[1],
         usage="runstate run [--max-restarts N] [--backoff SECONDS] -- COMMAND [ARGS...]",
     )
-    p.add_argument("--max-restarts", type=int, default=3, metavar="N", help="restarts allowed after failures (default 3)")
     p.add_argument(
-        "--backoff", type=float, default=1.0, metavar="SECONDS", help="wait before a restart, doubling each time (default 1)"
+        "--max-restarts", type=int, default=3, metavar="N", help="restarts allowed after failures (default 3)"
+    )
+    p.add_argument(
+        "--backoff",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="wait before a restart, doubling each time (default 1)",
     )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command to run, after --")
     p.set_defaults(func=_run)
