@@ -28,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Variant", "run_demo"]
 
@@ -104,7 +105,7 @@ def _supervised(v: Variant, steps: int, seed: int, kill_at: int, term_at: int, l
         raise RuntimeError(f"supervised run failed ({sup.returncode}):\n{err[-2000:]}")
 
 
-def _load_results(v: Variant, reference: dict[str, object] | None) -> dict[str, object]:
+def _load_results(v: Variant, reference: dict[str, Any] | None) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     result = json.loads((v.out / "result.json").read_text())
@@ -112,13 +113,11 @@ def _load_results(v: Variant, reference: dict[str, object] | None) -> dict[str, 
     for line in (v.out / "losses.jsonl").read_text().splitlines():
         rec = json.loads(line)
         v.losses[int(rec["step"])] = float(rec["loss"])  # a resumed run's record for a step wins
-    weights: dict[str, object] = load_file(v.out / "final.safetensors")
+    weights: dict[str, Any] = load_file(v.out / "final.safetensors")
     if reference is not None:
-        deltas = [float((weights[k] - reference[k]).abs().max()) for k in reference]  # type: ignore[operator]
-        v.max_delta = max(deltas)
+        v.max_delta = max(float((weights[k] - reference[k]).abs().max()) for k in reference)
         v.identical = weights.keys() == reference.keys() and all(
-            bool((weights[k] == reference[k]).all())
-            for k in reference  # type: ignore[operator, attr-defined]
+            bool((weights[k] == reference[k]).all()) for k in reference
         )
     return weights
 
