@@ -18,12 +18,14 @@ from runstate.errors import (
     UnsupportedTypeError,
 )
 from runstate.manager import CheckpointManager
+from runstate.restore import Mismatch, RestoreReport
 from runstate.rng import RNG
 from runstate.stateful import Stateful
 from runstate.verify import Problem, VerifyReport, verify
 
 __all__ = [
     "RNG",
+    "RestoreReport",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",
@@ -32,6 +34,7 @@ __all__ = [
     "CorruptCheckpointError",
     "FormatVersionError",
     "LockError",
+    "Mismatch",
     "Problem",
     "StateMismatchError",
     "Stateful",

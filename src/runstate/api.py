@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 from runstate.checkpoint import (
@@ -66,8 +66,9 @@ def load(
     state: MutableMapping[str, Any] | None = None,
     *,
     strict: bool = True,
+    rename: Mapping[str, Sequence[tuple[str, str]]] | None = None,
 ) -> dict[str, Any]:
-    """Load a checkpoint directory written by :func:`save` or a ``CheckpointManager``.
+    r"""Load a checkpoint directory written by :func:`save` or a ``CheckpointManager``.
 
     Args:
         path: the checkpoint directory.
@@ -77,6 +78,8 @@ def load(
             as plain Python, NumPy and torch values.
         strict: when True, the items and keys of ``state`` must match the checkpoint;
             when False, what matches is restored and the rest is reported in a warning.
+        rename: per item, regex substitutions applied to the stored keys before matching,
+            e.g. ``{"model": [(r"^module\.", "")]}`` for a checkpoint written under DDP.
 
     Returns:
         ``state`` itself after restoring, or the stored tree when ``state`` is None.
@@ -92,5 +95,5 @@ def load(
         if state is None:
             return {name: plain(reader.load_item(name)) for name in reader.manifest.items}
         validate_state(state, f"load({path!r})")
-        restore_state(reader, state, strict=strict)
+        restore_state(reader, state, strict=strict, rename=rename)
         return dict(state) if not isinstance(state, dict) else state

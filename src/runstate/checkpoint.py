@@ -139,6 +139,13 @@ def encode_state(state: Mapping[str, Any]) -> dict[str, tuple[dict[str, Any], En
     for name, value in state.items():
         enc = Encoder(name, find_codec, objects)
         encoded[name] = (enc.encode(value), enc)
+    if "torch" in sys.modules:
+        from runstate.adapters import torch as torch_adapter
+
+        for name, value in state.items():
+            names = torch_adapter.optimizer_param_names(value, state)
+            if names is not None:
+                encoded[name][0]["param_names"] = names  # lets a changed model keep matching moments
     return encoded
 
 

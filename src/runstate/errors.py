@@ -45,7 +45,13 @@ class CorruptCheckpointError(CheckpointError, ValueError):
 
 
 class StateMismatchError(CheckpointError, ValueError):
-    """The state being restored does not match the checkpoint's items, keys or shapes."""
+    """The state being restored does not match the checkpoint's items, keys or shapes.
+
+    Attributes:
+        report: the ``RestoreReport`` listing every mismatch, when the check got that far.
+    """
+
+    report: object = None
 
 
 class UnsupportedTypeError(CheckpointError, TypeError):

@@ -33,7 +33,7 @@ from runstate.errors import (
 from runstate.format.manifest import MANIFEST_NAME
 from runstate.policies import Retention, SaveCadence
 from runstate.reader import CheckpointReader
-from runstate.restore import restore_state
+from runstate.restore import RestoreReport, restore_state
 from runstate.storage.local import (
     RunLock,
     commit_directory,
@@ -99,6 +99,7 @@ class CheckpointManager:
         self._closed = False
         self._corrupt: set[int] = set()  # steps found damaged by restore(): never deleted or overwritten
         self._signal: int | None = None
+        self.last_restore_report: RestoreReport | None = None
         self._preempted = False
         self._previous_handlers: dict[int, Any] = {}
         if save_on_signals:
@@ -292,8 +293,9 @@ class CheckpointManager:
         step: int | None = None,
         strict: bool = True,
         fallback: bool = True,
+        rename: Mapping[str, Sequence[tuple[str, str]]] | None = None,
     ) -> int | None:
-        """Restore ``state`` from the newest checkpoint (or ``step``).
+        r"""Restore ``state`` from the newest checkpoint (or ``step``).
 
         Args:
             state: the live state; restored in place (see :func:`runstate.load`).
@@ -302,6 +304,12 @@ class CheckpointManager:
             fallback: when the newest checkpoint is damaged, log a WARNING naming it and
                 restore the newest one that is intact instead. Damaged checkpoints are never
                 deleted: retention skips them, and they stay for inspection.
+            rename: per item, regex substitutions applied to the stored keys before matching,
+                e.g. ``{"model": [(r"^module\.", "")]}`` for a checkpoint written under DDP.
+
+        After a restore, :attr:`last_restore_report` tells what did not match (with
+        ``strict=False``: missing, unexpected and shape-mismatched keys per item, and
+        optimizer parameters matched by name, new or dropped).
 
         Returns:
             The restored step, or None when the directory holds no checkpoint (state unchanged).
@@ -314,12 +322,12 @@ class CheckpointManager:
         """
         validate_state(state, f"{self!r}.restore()")
         if step is not None:
-            self._restore_from(self._existing(step), state, strict)
+            self._restore_from(self._existing(step), state, strict, rename)
             return step
         skipped: list[str] = []
         for candidate, path in reversed(list_committed(self.directory).items()):
             try:
-                self._restore_from(path, state, strict)
+                self._restore_from(path, state, strict, rename)
             except CorruptCheckpointError as exc:
                 self._corrupt.add(candidate)
                 if not fallback:
@@ -336,13 +344,19 @@ class CheckpointManager:
             )
         return None
 
-    def _restore_from(self, path: str, state: MutableMapping[str, Any], strict: bool) -> None:
+    def _restore_from(
+        self,
+        path: str,
+        state: MutableMapping[str, Any],
+        strict: bool,
+        rename: Mapping[str, Sequence[tuple[str, str]]] | None,
+    ) -> None:
         try:
             reader = CheckpointReader(path)
         except CheckpointNotFoundError as exc:  # a committed directory always has a manifest
             raise CorruptCheckpointError(f"{path}: {MANIFEST_NAME} is missing", file=MANIFEST_NAME) from exc
         with reader:
-            restore_state(reader, state, strict=strict)
+            self.last_restore_report = restore_state(reader, state, strict=strict, rename=rename)
 
 
 def _drop_page_cache(directory: str) -> None:

@@ -2,14 +2,16 @@
 
 Restoring is two-phase: every item is read, verified and checked against the live objects
 first, and only when all of that succeeded are objects changed in place (``load_state_dict``)
-and plain values replaced. A corrupt file or a mismatch therefore changes nothing.
+and plain values replaced. A corrupt file or a mismatch therefore changes nothing. What did
+not match is returned as a :class:`RestoreReport`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,18 +20,82 @@ from runstate.format.tree import StatefulState, format_path
 from runstate.reader import CheckpointReader
 from runstate.stateful import is_stateful
 
-__all__ = ["plain", "restore_state"]
+__all__ = ["Mismatch", "RestoreReport", "plain", "restore_state"]
 
 logger = logging.getLogger("runstate")
+
+#: ``{"model": [(r"^module\.", "")]}``: regex substitutions applied to an item's stored keys.
+Renames = Mapping[str, Sequence[tuple[str, str]]]
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One difference between the live state and the checkpoint.
+
+    Attributes:
+        item: the top-level item.
+        key: where, as a Python subscript path (``state['model']['fc.weight']``).
+        kind: ``missing`` (live, not stored), ``unexpected`` (stored, not live), ``shape``,
+            ``dtype``, ``optimizer`` (parameter groups differ), ``new_parameter`` /
+            ``dropped_parameter`` (optimizer state matched by parameter name).
+        message: the full sentence.
+    """
+
+    item: str
+    key: str
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """What a restore did not restore as stored, item by item.
+
+    Attributes:
+        path: the checkpoint restored from.
+        mismatches: every difference found (empty after an exact restore).
+        renamed: per item, how many stored keys the ``rename`` rules changed.
+        hints: suggestions, e.g. a ``rename`` for a DDP or ``torch.compile`` prefix.
+    """
+
+    path: str
+    mismatches: tuple[Mismatch, ...] = ()
+    renamed: dict[str, int] = field(default_factory=dict)
+    hints: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when everything matched."""
+        return not self.mismatches
+
+    def of(self, item: str, kind: str | None = None) -> list[str]:
+        """The keys of one item's mismatches, optionally of one kind."""
+        return [m.key for m in self.mismatches if m.item == item and (kind is None or m.kind == kind)]
+
+    def __str__(self) -> str:
+        lines = [m.message for m in self.mismatches] + [f"hint: {h}" for h in self.hints]
+        return "\n  ".join(lines) if lines else "everything matched"
 
 
 @dataclass
 class _Plan:
     """What phase two will do, and what phase one found wrong."""
 
+    strict: bool
+    state: Mapping[str, Any]
+    rename: Renames
     actions: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    strict: bool = True
+    problems: list[Mismatch] = field(default_factory=list)
+    renamed: dict[str, int] = field(default_factory=dict)
+
+    def add(self, path: tuple[Any, ...], kind: str, text: str) -> None:
+        where = format_path(path)
+        self.problems.append(Mismatch(str(path[0]), where, kind, f"{where}: {text}"))
 
 
 def _torch() -> Any:
@@ -57,24 +123,24 @@ def _is_tensor(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, (int, float))
 
 
-def _compare(template: Any, stored: Any, path: tuple[Any, ...], out: list[str], *, keys: bool) -> None:
-    """Report key, shape and dtype differences between a live state_dict and a stored one."""
+def _compare(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan, *, keys: bool) -> None:
+    """Record key, shape and dtype differences between a live state_dict and a stored one."""
     if isinstance(template, dict) and isinstance(stored, dict):
         if keys and template:
-            missing = [k for k in template if k not in stored]
-            unexpected = [k for k in stored if k not in template]
-            for k in missing:
-                out.append(f"{format_path((*path, k))}: missing from the checkpoint")
-            for k in unexpected:
-                out.append(f"{format_path((*path, k))}: in the checkpoint but not in the live object")
+            for k in template:
+                if k not in stored:
+                    plan.add((*path, k), "missing", "missing from the checkpoint")
+            for k in stored:
+                if k not in template:
+                    plan.add((*path, k), "unexpected", "in the checkpoint but not in the live object")
         for k, v in stored.items():
             if k in template:
-                _compare(template[k], v, (*path, k), out, keys=False)
+                _compare(template[k], v, (*path, k), plan, keys=False)
     elif _is_tensor(template) and _is_tensor(stored):
         if tuple(template.shape) != tuple(stored.shape):
-            out.append(f"{format_path(path)}: shape {tuple(stored.shape)} in checkpoint, {tuple(template.shape)} live")
+            plan.add(path, "shape", f"shape {tuple(stored.shape)} in checkpoint, {tuple(template.shape)} live")
         elif str(template.dtype) != str(stored.dtype):
-            out.append(f"{format_path(path)}: dtype {stored.dtype} in checkpoint, {template.dtype} live")
+            plan.add(path, "dtype", f"dtype {stored.dtype} in checkpoint, {template.dtype} live")
 
 
 def _place(stored: Any, template: Any, torch_adapter: Any) -> Any:
@@ -86,16 +152,71 @@ def _place(stored: Any, template: Any, torch_adapter: Any) -> Any:
     return torch_adapter.place_like(stored, template)
 
 
+def _apply_renames(item: str, stored: Any, plan: _Plan) -> Any:
+    """Rename an item's stored top-level keys with its regex rules."""
+    rules = plan.rename.get(item)
+    target = stored.state if isinstance(stored, StatefulState) else stored
+    if not rules or not isinstance(target, dict):
+        return stored
+    compiled = [(re.compile(pattern), repl) for pattern, repl in rules]
+    out = type(target)()
+    count = 0
+    for key, value in target.items():
+        new = key
+        if isinstance(key, str):
+            for pattern, repl in compiled:
+                new = pattern.sub(repl, new)
+        count += new != key
+        out[new] = value
+    plan.renamed[item] = count
+    if isinstance(stored, StatefulState):
+        return StatefulState(stored.type, out, stored.param_names)
+    return out
+
+
+def _rename_param(name: str | None, plan: _Plan) -> str | None:
+    if name is None or "." not in name:
+        return name
+    item, rest = name.split(".", 1)
+    for pattern, repl in plan.rename.get(item, ()):
+        rest = re.sub(pattern, repl, rest)
+    return f"{item}.{rest}"
+
+
+def _restore_optimizer(obj: Any, stored: StatefulState, path: tuple[Any, ...], plan: _Plan, torch_adapter: Any) -> Any:
+    """Return the optimizer state_dict to load, matched by parameter name when they differ."""
+    where = format_path(path)
+    live_names = torch_adapter.optimizer_param_names(obj, plan.state)
+    names = stored.param_names
+    if live_names is None or not torch_adapter.valid_param_names(names) or not isinstance(stored.state, dict):
+        for text in torch_adapter.check_optimizer(obj, stored.state, where):
+            plan.add(path, "optimizer", text.removeprefix(f"{where}: "))
+        return stored.state
+    names = [[_rename_param(n, plan) for n in group] for group in names]
+    if names == live_names:
+        for text in torch_adapter.check_optimizer(obj, stored.state, where):
+            plan.add(path, "optimizer", text.removeprefix(f"{where}: "))
+        return stored.state
+    remapped, kept, new, gone = torch_adapter.remap_optimizer_state(obj, stored.state, names, live_names)
+    for n in new:
+        plan.add((*path, n), "new_parameter", "new parameter: its optimizer state starts fresh")
+    for n in gone:
+        plan.add((*path, n), "dropped_parameter", "parameter no longer in the model: its optimizer state is dropped")
+    logger.info("%s: optimizer state matched by name for %d parameters", where, len(kept))
+    return remapped
+
+
 def _restore_stateful(obj: Any, stored: StatefulState, path: tuple[Any, ...], plan: _Plan) -> None:
     where = format_path(path)
     template = obj.state_dict()
     torch_adapter = _torch()
-    problems: list[str] = []
-    _compare(template, stored.state, path, problems, keys=True)
+    before = len(plan.problems)
+    source = stored.state
     if torch_adapter is not None and torch_adapter.is_optimizer(obj):
-        problems += torch_adapter.check_optimizer(obj, stored.state, where)
-    state = _place(stored.state, template, torch_adapter)
-    plan.problems += problems
+        source = _restore_optimizer(obj, stored, path, plan, torch_adapter)
+    _compare(template, source, path, plan, keys=True)
+    problems = plan.problems[before:]
+    state = _place(source, template, torch_adapter)
     if torch_adapter is not None and torch_adapter.is_module(obj):
         if problems and isinstance(state, dict):
             state = {
@@ -104,7 +225,7 @@ def _restore_stateful(obj: Any, stored: StatefulState, path: tuple[Any, ...], pl
                 if k in template and not (_is_tensor(v) and tuple(v.shape) != tuple(template[k].shape))
             }
         plan.actions.append((where, lambda: obj.load_state_dict(state, strict=not problems)))
-    elif problems:
+    elif problems and not all(p.kind in ("new_parameter", "dropped_parameter") for p in problems):
         plan.actions.append((where, lambda: logger.warning("skipped restoring %s: it does not match", where)))
     else:
         plan.actions.append((where, lambda: obj.load_state_dict(state)))
@@ -136,29 +257,54 @@ def _restore_into(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan
     return stored
 
 
-def restore_state(reader: CheckpointReader, state: MutableMapping[str, Any], *, strict: bool) -> None:
+def _hints(problems: Sequence[Mismatch]) -> list[str]:
+    """Suggest a ``rename`` when keys differ only by a DDP / torch.compile prefix."""
+    hints = []
+    items = {p.item for p in problems}
+    for item in sorted(items):
+        missing = {p.key for p in problems if p.item == item and p.kind == "missing"}
+        unexpected = {p.key for p in problems if p.item == item and p.kind == "unexpected"}
+        if not missing or not unexpected:
+            continue
+        prefix_of = f"state[{item!r}]["
+        miss = {k[len(prefix_of) :].strip("]'\"") for k in missing}
+        unex = {k[len(prefix_of) :].strip("]'\"") for k in unexpected}
+        for prefix in _WRAPPER_PREFIXES:
+            if {k.removeprefix(prefix) for k in unex if k.startswith(prefix)} >= miss:
+                hints.append(
+                    f"the checkpoint's keys carry a {prefix!r} prefix: pass rename={{{item!r}: [(r'^{re.escape(prefix)}', '')]}}"
+                )
+            elif {k.removeprefix(prefix) for k in miss if k.startswith(prefix)} >= unex:
+                hints.append(f"the live keys carry a {prefix!r} prefix: pass rename={{{item!r}: [(r'^', {prefix!r})]}}")
+    return hints
+
+
+def restore_state(
+    reader: CheckpointReader, state: MutableMapping[str, Any], *, strict: bool, rename: Renames | None = None
+) -> RestoreReport:
     """Restore ``state`` from ``reader``'s checkpoint (see ``runstate.load``)."""
-    plan = _Plan(strict=strict)
+    plan = _Plan(strict=strict, state=state, rename=rename or {})
     stored_items = reader.manifest.items
     for key in state:
         if key not in stored_items:
-            plan.problems.append(
-                f"{format_path((key,))}: item missing from the checkpoint (it has {sorted(stored_items)})"
-            )
+            plan.add((key,), "missing", f"item missing from the checkpoint (it has {sorted(stored_items)})")
     for key in stored_items:
         if key not in state:
-            plan.problems.append(f"{format_path((key,))}: item in the checkpoint but not in the state")
+            plan.add((key,), "unexpected", "item in the checkpoint but not in the state")
     replacements: dict[str, Any] = {}
     for key in state:
         if key in stored_items:
-            replacements[key] = _restore_into(state[key], reader.load_item(key), (key,), plan)
+            stored = _apply_renames(key, reader.load_item(key), plan)
+            replacements[key] = _restore_into(state[key], stored, (key,), plan)
+    report = RestoreReport(reader.path, tuple(plan.problems), dict(plan.renamed), tuple(_hints(plan.problems)))
     if plan.problems:
-        report = "\n  ".join(plan.problems)
         if strict:
-            raise StateMismatchError(
+            err = StateMismatchError(
                 f"{reader.path}: the state does not match the checkpoint ({len(plan.problems)} problems):\n  "
                 f"{report}\nfix the state, or pass strict=False to restore only what matches"
             )
+            err.report = report
+            raise err
         logger.warning("%s: restoring only what matches; %d problems:\n  %s", reader.path, len(plan.problems), report)
     for where, action in plan.actions:
         try:
@@ -168,3 +314,4 @@ def restore_state(reader: CheckpointReader, state: MutableMapping[str, Any], *, 
     for key, value in replacements.items():
         if value is not state[key]:
             state[key] = value
+    return report

@@ -200,3 +200,80 @@ def place_like(stored: Any, template: Any) -> Any:
     if isinstance(stored, torch.Tensor) and isinstance(template, torch.Tensor) and stored.device != template.device:
         return stored.to(template.device)
     return stored
+
+
+def module_param_names(state: Any) -> dict[int, str]:
+    """``id(parameter) -> "item.name"`` for every module among the state's top-level items."""
+    names: dict[int, str] = {}
+    for item, value in state.items():
+        if isinstance(value, torch.nn.Module):
+            for name, param in value.named_parameters(remove_duplicate=False):
+                names.setdefault(id(param), f"{item}.{name}")
+    return names
+
+
+def optimizer_param_names(value: Any, state: Any) -> list[list[str | None]] | None:
+    """The names of an optimizer's parameters, group by group, or None if not an optimizer
+    or none of its parameters belongs to a module of the state."""
+    if not isinstance(value, torch.optim.Optimizer):
+        return None
+    names = module_param_names(state)
+    out = [[names.get(id(p)) for p in group["params"]] for group in value.param_groups]
+    return out if any(n is not None for group in out for n in group) else None
+
+
+def valid_param_names(names: Any) -> bool:
+    """True for a well-formed list of groups of str-or-None names (checkpoints are untrusted)."""
+    return isinstance(names, list) and all(
+        isinstance(g, list) and all(n is None or isinstance(n, str) for n in g) for g in names
+    )
+
+
+def remap_optimizer_state(
+    opt: torch.optim.Optimizer,
+    stored: dict[str, Any],
+    stored_names: list[list[str | None]],
+    live_names: list[list[str | None]],
+) -> tuple[dict[str, Any], list[str], list[str], list[str]]:
+    """Rebuild a stored optimizer state_dict for the live parameters, matching by name.
+
+    Returns:
+        The state_dict to load, and the names of the parameters that kept their state, that
+        are new (fresh state) and that are gone (their state dropped).
+    """
+    stored_groups = stored["param_groups"]
+    stored_state = stored["state"]
+    by_name: dict[str, Any] = {}
+    for names, group in zip(stored_names, stored_groups, strict=False):
+        for name, pid in zip(names, group.get("params", []), strict=False):
+            if name is not None:
+                by_name[name] = pid
+    kept: list[str] = []
+    new: list[str] = []
+    groups: list[dict[str, Any]] = []
+    state: dict[int, Any] = {}
+    index = 0
+    for gi, live in enumerate(opt.param_groups):
+        source = stored_groups[gi] if gi < len(stored_groups) else live
+        ids = []
+        for param, name in zip(live["params"], live_names[gi], strict=True):
+            ids.append(index)
+            pid = by_name.get(name) if name is not None else None
+            buffers = stored_state.get(pid) if pid is not None else None
+            if isinstance(buffers, dict) and all(
+                not (
+                    isinstance(buffers.get(k), torch.Tensor)
+                    and buffers[k].dim() > 0
+                    and tuple(buffers[k].shape) != tuple(param.shape)
+                )
+                for k in _PARAM_SHAPED
+            ):
+                state[index] = buffers
+                kept.append(str(name))
+            else:
+                new.append(str(name) if name is not None else f"group {gi} #{len(ids) - 1}")
+            index += 1
+        groups.append({**{k: v for k, v in source.items() if k != "params"}, "params": ids})
+    live_set = {n for g in live_names for n in g if n is not None}
+    gone = sorted(n for n in by_name if n not in live_set)
+    return {"state": state, "param_groups": groups}, kept, new, gone

@@ -46,6 +46,7 @@ class StatefulState:
 
     type: str
     state: Any
+    param_names: Any = None  # optimizers: the parameter names of each group, when saved
 
 
 class ObjectCodec(Protocol):
@@ -300,7 +301,7 @@ class Decoder:
                     self._tensors[name] = self._load_tensor(name)
                 return self._tensors[name]
             if t == "stateful":
-                return StatefulState(str(node["type"]), self._decode(node["v"], path))
+                return StatefulState(str(node["type"]), self._decode(node["v"], path), node.get("param_names"))
             if t == "object":
                 state = self._decode(node["v"], path)
                 for objects in self._objects:
