@@ -7,6 +7,7 @@ from runstate._version import __version__
 from runstate.api import load, save
 from runstate.checkpoint import CheckpointInfo
 from runstate.errors import (
+    AsyncSaveError,
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -25,6 +26,7 @@ from runstate.verify import Problem, VerifyReport, verify
 
 __all__ = [
     "RNG",
+    "AsyncSaveError",
     "RestoreReport",
     "CheckpointError",
     "CheckpointInfo",

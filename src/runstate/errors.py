@@ -9,6 +9,7 @@ Messages always say what failed, where (a path or a key in the state), and what 
 from __future__ import annotations
 
 __all__ = [
+    "AsyncSaveError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
@@ -72,3 +73,15 @@ class LockError(CheckpointError, BlockingIOError):
 
 class CheckpointWriteError(CheckpointError, OSError):
     """Writing a checkpoint failed (disk full, I/O error, permissions); nothing was committed."""
+
+
+class AsyncSaveError(CheckpointError, RuntimeError):
+    """A save running in the background failed; the original exception is ``__cause__``.
+
+    Attributes:
+        step: the step whose save failed.
+    """
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step

@@ -14,26 +14,31 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType, TracebackType
 from typing import Any
 
 from runstate.checkpoint import (
     CheckpointInfo,
+    PreparedState,
     prepare,
     validate_state,
     validate_step,
     write_checkpoint,
 )
 from runstate.errors import (
+    AsyncSaveError,
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    StepExistsError,
 )
 from runstate.format.manifest import MANIFEST_NAME
 from runstate.policies import Retention, SaveCadence
 from runstate.reader import CheckpointReader
 from runstate.restore import RestoreReport, restore_state
+from runstate.snapshot import SnapshotPool
 from runstate.storage.local import (
     RunLock,
     commit_directory,
@@ -67,6 +72,10 @@ class CheckpointManager:
             sets :attr:`preempted`. The handler only sets a flag (no I/O in a signal
             handler); the previous handlers are restored by :meth:`close`. Must be created in
             the main thread when signals are given.
+        async_save: ``save`` copies the state's tensors into reused host buffers (a
+            point-in-time snapshot) and returns; a background thread writes and commits it.
+            At most one save is in flight: the next ``save`` waits for it. A background
+            failure is raised by the next ``save``, :meth:`wait` or :meth:`close`.
 
     Example:
         >>> with runstate.CheckpointManager("runs/exp", save_every_steps=100) as mgr:  # doctest: +SKIP
@@ -88,6 +97,7 @@ class CheckpointManager:
         save_every_steps: int | None = None,
         save_every_seconds: float | None = None,
         save_on_signals: Sequence[int] = (),
+        async_save: bool = False,
     ) -> None:
         self.directory = os.fspath(directory)
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
@@ -100,6 +110,10 @@ class CheckpointManager:
         self._corrupt: set[int] = set()  # steps found damaged by restore(): never deleted or overwritten
         self._signal: int | None = None
         self.last_restore_report: RestoreReport | None = None
+        self.last_blocking_seconds = 0.0
+        self._pool = SnapshotPool()
+        self._pending: tuple[int, Future[None]] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstate-save") if async_save else None
         self._preempted = False
         self._previous_handlers: dict[int, Any] = {}
         if save_on_signals:
@@ -139,12 +153,22 @@ class CheckpointManager:
         self.close()
 
     def close(self) -> None:
-        """Release the writer lock and restore previous signal handlers. Idempotent."""
-        self._lock.release()
-        while self._previous_handlers:
-            signum, handler = self._previous_handlers.popitem()
-            signal.signal(signum, handler)
-        self._closed = True
+        """Finish the save in flight, release the writer lock and restore previous signal
+        handlers. Idempotent.
+
+        Raises:
+            AsyncSaveError: the last background save failed (everything is released anyway).
+        """
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            self._lock.release()
+            while self._previous_handlers:
+                signum, handler = self._previous_handlers.popitem()
+                signal.signal(signum, handler)
+            self._closed = True
 
     def _check_open(self) -> None:
         if self._closed:
@@ -239,14 +263,32 @@ class CheckpointManager:
         signalled = self._signal is not None and not self._preempted
         if not (force or signalled) and not self.cadence.should_save(step, now - self._last_save):
             return False
+        self.wait()  # at most one save in flight; re-raises a failed background save
         prepared = prepare(state, metrics)
         if not self._lock.held:
             self._lock.acquire()
             for leftover in remove_leftovers(self.directory):
                 logger.info("removed leftover of an interrupted save: %s", leftover)
+        if os.path.lexists(self.path(step)) and step not in self._corrupt:
+            raise StepExistsError(f"{self.path(step)} already exists; save under a new step or delete it first")
+        self._last_save = now
+        if self._executor is not None:
+            started = time.monotonic()
+            self._pool.snapshot(prepared)  # the only part that blocks training
+            self.last_blocking_seconds = time.monotonic() - started
+            self._pending = (step, self._executor.submit(self._write, step, prepared, verify))
+        else:
+            self._write(step, prepared, verify)
+        if signalled:
+            self._preempted = True
+            logger.warning("saved step %d after signal %d; mgr.preempted is now True", step, self._signal)
+        return True
+
+    def _write(self, step: int, prepared: PreparedState, verify: bool) -> None:
+        started = time.monotonic()
         self._move_aside_if_corrupt(step)
         with commit_directory(self.path(step)) as tmp:
-            write_checkpoint(tmp, prepared, step=step)
+            info = write_checkpoint(tmp, prepared, step=step)
             if verify:
                 _drop_page_cache(tmp)
                 report = verify_checkpoint(tmp)
@@ -255,12 +297,34 @@ class CheckpointManager:
                         f"{self.path(step)}: read-back verification failed, nothing was committed: "
                         + "; ".join(map(str, report.problems))
                     )
-        self._last_save = now
+        seconds = time.monotonic() - started
+        logger.info(
+            "saved step %d: %.1f MB in %.2f s (%.2f GB/s)%s",
+            step,
+            info.nbytes / 1e6,
+            seconds,
+            info.nbytes / 1e9 / max(seconds, 1e-9),
+            " in the background" if self._executor is not None else "",
+        )
         self._apply_retention(step)
-        if signalled:
-            self._preempted = True
-            logger.warning("saved step %d after signal %d; mgr.preempted is now True", step, self._signal)
-        return True
+
+    def wait(self) -> None:
+        """Block until the save in flight (``async_save=True``) is committed.
+
+        Raises:
+            AsyncSaveError: the background save failed; its exception is the ``__cause__``.
+        """
+        if self._pending is None:
+            return
+        step, future = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except Exception as exc:
+            raise AsyncSaveError(
+                f"{self.path(step)}: the background save of step {step} failed, nothing was committed: {exc}",
+                step=step,
+            ) from exc
 
     def _move_aside_if_corrupt(self, step: int) -> None:
         """A step found corrupt by ``restore`` is kept for inspection under another name."""
@@ -321,6 +385,7 @@ class CheckpointManager:
             StateMismatchError: ``strict`` and the state does not match the checkpoint.
         """
         validate_state(state, f"{self!r}.restore()")
+        self.wait()
         if step is not None:
             self._restore_from(self._existing(step), state, strict, rename)
             return step

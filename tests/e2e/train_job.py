@@ -125,6 +125,7 @@ def main() -> None:
     p.add_argument("out_dir")
     p.add_argument("--kill-at", type=int)
     p.add_argument("--resume", default="full", choices=["full", "weights_only", "no_rng", "no_loader"])
+    p.add_argument("--async-save", action="store_true", help="CheckpointManager(async_save=True)")
     args = p.parse_args()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -135,7 +136,9 @@ def main() -> None:
     scaler = state.get("scaler")
     log_path = os.path.join(args.out_dir, "losses.jsonl")
     with (
-        runstate.CheckpointManager(args.run_dir, keep_last=2, save_every_steps=SAVE_EVERY) as mgr,
+        runstate.CheckpointManager(
+            args.run_dir, keep_last=2, save_every_steps=SAVE_EVERY, async_save=args.async_save
+        ) as mgr,
         open(log_path, "a") as log,
     ):
         if args.resume == "full":

@@ -17,7 +17,17 @@ import runstate
 __all__ = ["main"]
 
 #: Modules that register a subcommand, in the order ``--help`` lists them.
-COMMAND_MODULES = ("runstate.cli.run", "runstate.cli.demo")
+COMMAND_MODULES = (
+    "runstate.cli.run",
+    "runstate.cli.demo",
+    "runstate.cli.ls",
+    "runstate.cli.show",
+    "runstate.cli.verify",
+    "runstate.cli.diff",
+    "runstate.cli.export",
+    "runstate.cli.import_pt",
+    "runstate.cli.gc",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

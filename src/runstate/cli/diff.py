@@ -1,0 +1,295 @@
+"""``runstate diff A B``: what differs between two checkpoints.
+
+Both checkpoints are loaded (every checksum verified) and their trees walked side by side.
+Each tensor is equal, changed (with the largest absolute difference, and that difference
+relative to the largest magnitude in A's tensor), only in A or only in B; every other value that differs is listed with both sides. By default
+tensors must be bit-identical; with ``--atol X`` values within X count as equal (NaN equals
+NaN). Exit code 0 when the checkpoints are equal, 1 when they differ, 2 on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import runstate
+from runstate.cli._output import Progress, fail, format_value, guarded, print_json, print_table
+from runstate.cli._paths import check_checkpoint
+
+__all__ = ["TensorDiff", "ValueDiff", "c_array", "compare", "register"]
+
+EQUAL, CHANGED, ONLY_A, ONLY_B = "equal", "changed", "only in A", "only in B"
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """How one tensor compares."""
+
+    path: str
+    status: str
+    dtype: str | None = None
+    shape: list[int] | None = None
+    max_abs: float | None = None
+    max_rel: float | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class ValueDiff:
+    """A non-tensor value that differs."""
+
+    path: str
+    status: str
+    a: str | None
+    b: str | None
+
+
+def _torch_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, np.generic)) or _torch_tensor(x)
+
+
+def _as_state(x: Any) -> Any:
+    """Generators compare by their state."""
+    if isinstance(x, random.Random):
+        return x.getstate()
+    if isinstance(x, np.random.Generator):
+        return x.bit_generator.state
+    if isinstance(x, np.random.RandomState):
+        return x.get_state(legacy=False)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Generator):
+        return x.get_state()
+    return x
+
+
+def c_array(x: Any) -> np.ndarray:
+    """A C-contiguous NumPy array of ``x``, keeping a 0-d shape (``np.ascontiguousarray`` would not)."""
+    a = np.asarray(x)
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
+def _arrays(x: Any) -> tuple[str, list[int], np.ndarray, np.ndarray | None]:
+    """dtype name, shape, raw bytes (uint8) and values (float64 or complex128; None if not convertible)."""
+    values: np.ndarray | None
+    if _torch_tensor(x):
+        import torch
+
+        t = x.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        try:
+            values = t.to(torch.complex128 if t.is_complex() else torch.float64).numpy()
+        except (RuntimeError, TypeError):  # a dtype without arithmetic: compare its bytes only
+            values = None
+        return str(t.dtype).removeprefix("torch."), list(t.shape), raw, values
+    a = c_array(x)
+    try:
+        values = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64)
+    except (TypeError, ValueError):
+        values = None
+    return str(a.dtype), list(a.shape), a.reshape(-1).view(np.uint8), values
+
+
+def _tensor_diff(path: str, a: Any, b: Any, atol: float) -> TensorDiff:
+    dtype_a, shape_a, raw_a, va = _arrays(a)
+    dtype_b, shape_b, raw_b, vb = _arrays(b)
+    if shape_a != shape_b:
+        return TensorDiff(path, CHANGED, dtype_a, shape_a, note=f"shape {shape_a} -> {shape_b}")
+    note = None if dtype_a == dtype_b else f"dtype {dtype_a} -> {dtype_b}"
+    if va is None or vb is None:
+        same = note is None and bool(np.array_equal(raw_a, raw_b))
+        return TensorDiff(path, EQUAL if same else CHANGED, dtype_a, shape_a, note=note)
+    with np.errstate(all="ignore"):
+        both_nan = np.isnan(va) & np.isnan(vb)
+        d = np.where((va == vb) | both_nan, 0.0, np.abs(va - vb))
+        max_abs = float(d.max()) if d.size else 0.0
+        scale = float(np.nanmax(np.abs(va))) if va.size and not np.isnan(va).all() else 0.0
+        max_rel = 0.0 if max_abs == 0 else (max_abs / scale if scale > 0 else math.inf)
+    if atol == 0:
+        same = note is None and raw_a.shape == raw_b.shape and bool(np.array_equal(raw_a, raw_b))
+        if not same and note is None and max_abs == 0:
+            note = "same values, different bits (-0.0 vs 0.0 or NaN payloads)"
+    else:
+        same = note is None and not math.isnan(max_abs) and max_abs <= atol
+    return TensorDiff(path, EQUAL if same else CHANGED, dtype_a, shape_a, max_abs, max_rel, note)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float) and math.isnan(a) and math.isnan(b):
+        return True
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):
+        return False
+
+
+class _Walker:
+    """Collects the comparison of two trees."""
+
+    def __init__(self, atol: float, advance: Any) -> None:
+        self.atol = atol
+        self.advance = advance
+        self.tensors: list[TensorDiff] = []
+        self.values: list[ValueDiff] = []
+
+    def only(self, x: Any, path: str, status: str) -> None:
+        x = _as_state(x)
+        if _is_tensor(x):
+            dtype, shape, _, _ = _arrays(x)
+            self.tensors.append(TensorDiff(path, status, dtype, shape))
+            self.advance(1)
+        elif isinstance(x, dict) and x:
+            for k, v in x.items():
+                self.only(v, f"{path}.{k}", status)
+        elif isinstance(x, (list, tuple)) and x:
+            for i, v in enumerate(x):
+                self.only(v, f"{path}.{i}", status)
+        else:
+            shown = format_value(x)
+            self.values.append(
+                ValueDiff(path, status, shown if status == ONLY_A else None, shown if status == ONLY_B else None)
+            )
+
+    def walk(self, a: Any, b: Any, path: str) -> None:
+        a, b = _as_state(a), _as_state(b)
+        if _is_tensor(a) and _is_tensor(b):
+            self.tensors.append(_tensor_diff(path, a, b, self.atol))
+            self.advance(1)
+        elif isinstance(a, dict) and isinstance(b, dict):
+            for k, v in a.items():
+                if k in b:
+                    self.walk(v, b[k], f"{path}.{k}")
+                else:
+                    self.only(v, f"{path}.{k}", ONLY_A)
+            for k, v in b.items():
+                if k not in a:
+                    self.only(v, f"{path}.{k}", ONLY_B)
+        elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and type(a) is type(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=False)):
+                self.walk(x, y, f"{path}.{i}")
+            for i in range(len(b), len(a)):
+                self.only(a[i], f"{path}.{i}", ONLY_A)
+            for i in range(len(a), len(b)):
+                self.only(b[i], f"{path}.{i}", ONLY_B)
+        elif _is_tensor(a) or _is_tensor(b) or not _same_value(a, b):
+            self.values.append(ValueDiff(path, CHANGED, format_value(a), format_value(b)))
+
+
+def _count_tensors(x: Any) -> int:
+    x = _as_state(x)
+    if _is_tensor(x):
+        return 1
+    if isinstance(x, dict):
+        return sum(_count_tensors(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_count_tensors(v) for v in x)
+    return 0
+
+
+def compare(
+    a: dict[str, Any], b: dict[str, Any], *, atol: float = 0.0, progress: Progress | None = None
+) -> tuple[list[TensorDiff], list[ValueDiff]]:
+    """Walk two loaded checkpoints: every tensor's comparison, and every non-tensor value that differs."""
+    advance = progress.task("comparing tensors", total=_count_tensors(a)) if progress else (lambda n=1: None)
+    walker = _Walker(atol, advance)
+    for name, value in a.items():
+        if name in b:
+            walker.walk(value, b[name], name)
+        else:
+            walker.only(value, name, ONLY_A)
+    for name, value in b.items():
+        if name not in a:
+            walker.only(value, name, ONLY_B)
+    return walker.tensors, walker.values
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:.3g}"
+
+
+@guarded("diff")
+def _diff(args: argparse.Namespace) -> int:
+    if not (args.atol >= 0 and math.isfinite(args.atol)):
+        return fail("diff", f"--atol must be a finite number >= 0, got {args.atol}")
+    for path in (args.a, args.b):
+        error = check_checkpoint("diff", path)
+        if error is not None:
+            return error
+    steps = (runstate.inspect(args.a).step, runstate.inspect(args.b).step)  # cheap: fails fast on a bad path
+    with Progress() as progress:
+        with progress.phase(f"loading {args.a}"):
+            a = runstate.load(args.a)
+        with progress.phase(f"loading {args.b}"):
+            b = runstate.load(args.b)
+        tensors, values = compare(a, b, atol=args.atol, progress=progress)
+    differs = any(t.status != EQUAL for t in tensors) or bool(values)
+    counts = {s: sum(t.status == s for t in tensors) for s in (EQUAL, CHANGED, ONLY_A, ONLY_B)}
+    if args.json:
+        print_json(
+            {
+                "a": {"path": args.a, "step": steps[0]},
+                "b": {"path": args.b, "step": steps[1]},
+                "atol": args.atol,
+                "equal": not differs,
+                "counts": counts,
+                "tensors": tensors,
+                "values": values,
+            }
+        )
+        return 1 if differs else 0
+    for label, path, step in (("A", args.a, steps[0]), ("B", args.b, steps[1])):
+        print(f"{label}  {path}  ({'no step' if step is None else f'step {step}'})")
+    tolerance = "bit-exact" if args.atol == 0 else f"atol {args.atol:g}"
+    print(f"tensors ({tolerance}): " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    differing = [t for t in tensors if t.status != EQUAL]
+    notes = any(t.note for t in differing)
+    rows = [
+        [t.path, t.status, t.dtype or "", str(t.shape), _fmt(t.max_abs), _fmt(t.max_rel)]
+        + ([t.note or ""] if notes else [])
+        for t in differing
+    ]
+    if rows:
+        print_table(
+            ["tensor", "status", "dtype", "shape", "max abs diff", "max rel diff"] + (["note"] if notes else []),
+            rows,
+            title="tensors that differ",
+            right=(4, 5),
+        )
+    if values:
+        rows = [[v.path, v.status, v.a or "", v.b or ""] for v in values]
+        print_table(["value", "status", "A", "B"], rows, title="other values that differ")
+    if not differs:
+        print("the checkpoints are equal")
+    return 1 if differs else 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``diff`` subcommand."""
+    p = sub.add_parser(
+        "diff",
+        help="compare two checkpoints tensor by tensor (exit 0 when equal, 1 when not)",
+        description=(__doc__ or "").split("\n\n")[1],
+    )
+    p.add_argument("a", metavar="A", help="a checkpoint directory")
+    p.add_argument("b", metavar="B", help="another checkpoint directory")
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="tensors whose values differ by at most X are equal (default 0: bit-exact)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=_diff)

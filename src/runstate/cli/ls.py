@@ -1,0 +1,153 @@
+"""``runstate ls DIR``: the checkpoints of a run directory, one line each.
+
+Each committed step shows its creation time, size and metrics, read from its manifest only
+(tensor checksums are ``runstate verify``'s job, so listing a 100 GB run is instant). A
+committed step whose manifest cannot be read is marked ``corrupt``, as are checkpoints the
+manager moved aside (``step-N.corrupt-T``); temporaries of interrupted saves and deletions
+are marked ``leftover`` (``runstate gc`` removes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import runstate
+from runstate.cli._output import (
+    Cell,
+    format_time,
+    format_value,
+    guarded,
+    human_bytes,
+    print_json,
+    print_table,
+    tree_size,
+)
+from runstate.cli._paths import check_run_directory
+
+__all__ = ["register"]
+
+_LEFTOVER = re.compile(r"^\.(tmp|del)-step-(\d+)-[0-9a-f]+$")
+_MOVED_ASIDE = re.compile(r"^step-(\d+)\.corrupt-\d+$")
+
+
+@dataclass
+class Entry:
+    """One line of the listing."""
+
+    step: int | None
+    path: str
+    status: str
+    created: str | None = None
+    nbytes: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+
+
+def _mtime(path: str) -> str | None:
+    try:
+        stamp = os.lstat(path).st_mtime
+    except OSError:
+        return None
+    return _dt.datetime.fromtimestamp(stamp, _dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _short_reason(exc: Exception, path: str) -> str:
+    reason = " ".join(str(exc).split())
+    for prefix in (os.path.join(path, "manifest.json") + ": ", path + "/manifest.json: ", path + ": "):
+        if reason.startswith(prefix):
+            return reason[len(prefix) :]
+    return reason
+
+
+def collect(directory: str) -> list[Entry]:
+    """Every checkpoint, corrupt checkpoint and leftover of a run directory, by step."""
+    entries: list[Entry] = []
+    with runstate.CheckpointManager(directory) as mgr:
+        for step in mgr.steps():
+            path = mgr.path(step)
+            try:
+                contents = runstate.inspect(path)
+            except runstate.FormatVersionError as exc:
+                entries.append(Entry(step, path, "newer format", _mtime(path), tree_size(path), reason=str(exc)))
+                continue
+            except runstate.CheckpointError as exc:
+                reason = _short_reason(exc, path)
+                entries.append(Entry(step, path, "corrupt", _mtime(path), tree_size(path), reason=reason))
+                continue
+            entries.append(Entry(step, path, "ok", contents.created, contents.nbytes, contents.metrics))
+        for path in mgr.leftovers():
+            m = _LEFTOVER.match(os.path.basename(path))
+            what = "interrupted save" if os.path.basename(path).startswith(".tmp-") else "interrupted deletion"
+            entries.append(
+                Entry(int(m.group(2)) if m else None, path, "leftover", _mtime(path), tree_size(path), reason=what)
+            )
+    for name in sorted(os.listdir(directory)):
+        m = _MOVED_ASIDE.match(name)
+        if m:
+            path = os.path.join(directory, name)
+            entries.append(
+                Entry(int(m.group(1)), path, "corrupt", _mtime(path), tree_size(path), reason="moved aside by restore")
+            )
+    entries.sort(key=lambda e: (-1 if e.step is None else e.step, e.status != "ok", e.path))
+    return entries
+
+
+def _status_cell(entry: Entry) -> Cell:
+    text = entry.status if entry.reason is None else f"{entry.status}: {entry.reason}"
+    style = {"ok": "green", "leftover": "yellow"}.get(entry.status, "bold red")
+    return (text, style)
+
+
+@guarded("ls")
+def _ls(args: argparse.Namespace) -> int:
+    directory: str = args.dir
+    error = check_run_directory("ls", directory)
+    if error is not None:
+        return error
+    entries = collect(directory)
+    if args.json:
+        print_json({"directory": directory, "checkpoints": entries})
+        return 0
+    if not entries:
+        print(f"no checkpoints in {directory}")
+        return 0
+    rows = [
+        [
+            "?" if e.step is None else str(e.step),
+            format_time(e.created) if e.created else "",
+            human_bytes(e.nbytes),
+            "  ".join(f"{k}={format_value(v)}" for k, v in e.metrics.items()),
+            _status_cell(e),
+        ]
+        for e in entries
+    ]
+    print_table(["step", "created (UTC)", "size", "metrics", "status"], rows, right=(0, 2))
+    ok = [e for e in entries if e.status == "ok"]
+    counts = [f"{len(ok)} checkpoint{'s' if len(ok) != 1 else ''}"]
+    if ok:
+        counts[0] += f" (latest step {ok[-1].step})"
+    for status in ("corrupt", "newer format", "leftover"):
+        n = sum(e.status == status for e in entries)
+        if n:
+            counts.append(f"{n} {status}")
+    hint = "; runstate gc removes leftovers" if any(e.status == "leftover" for e in entries) else ""
+    print(", ".join(counts) + hint)
+    print(f"(manifests only; runstate verify {directory} checks every byte)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``ls`` subcommand."""
+    p = sub.add_parser(
+        "ls",
+        help="list the checkpoints of a run directory",
+        description=(__doc__ or "").split("\n\n")[1],
+    )
+    p.add_argument("dir", metavar="DIR", help="the run directory (the one given to CheckpointManager)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_ls)
