@@ -18,6 +18,7 @@ from runstate.errors import (
     StepExistsError,
     UnsupportedTypeError,
 )
+from runstate.inspect import CheckpointContents, ItemContents, ObjectSummary, TensorSummary, inspect
 from runstate.manager import CheckpointManager
 from runstate.restore import Mismatch, RestoreReport
 from runstate.rng import RNG
@@ -28,6 +29,7 @@ __all__ = [
     "RNG",
     "AsyncSaveError",
     "RestoreReport",
+    "CheckpointContents",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",
@@ -35,15 +37,19 @@ __all__ = [
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "FormatVersionError",
+    "ItemContents",
     "LockError",
     "Mismatch",
+    "ObjectSummary",
     "Problem",
     "StateMismatchError",
     "Stateful",
     "StepExistsError",
+    "TensorSummary",
     "UnsupportedTypeError",
     "VerifyReport",
     "__version__",
+    "inspect",
     "load",
     "save",
     "verify",
