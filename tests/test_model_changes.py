@@ -33,10 +33,6 @@ def trained(model: nn.Module, steps: int = 3) -> torch.optim.Optimizer:
     return opt
 
 
-def moments(opt: torch.optim.Optimizer) -> dict[tuple[int, ...], torch.Tensor]:
-    return {tuple(p.shape) + (i,): opt.state[p]["exp_avg"].clone() for i, p in enumerate(opt.param_groups[0]["params"]) if p in opt.state}
-
-
 def test_exact_restore_reports_nothing(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = trained(model)

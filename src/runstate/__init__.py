@@ -28,7 +28,6 @@ from runstate.verify import Problem, VerifyReport, verify
 __all__ = [
     "RNG",
     "AsyncSaveError",
-    "RestoreReport",
     "CheckpointContents",
     "CheckpointError",
     "CheckpointInfo",
@@ -42,6 +41,7 @@ __all__ = [
     "Mismatch",
     "ObjectSummary",
     "Problem",
+    "RestoreReport",
     "StateMismatchError",
     "Stateful",
     "StepExistsError",
