@@ -20,6 +20,7 @@ from runstate.errors import (
 )
 from runstate.inspect import CheckpointContents, ItemContents, ObjectSummary, TensorSummary, inspect
 from runstate.manager import CheckpointManager
+from runstate.registry import Registry, register, registry
 from runstate.restore import Mismatch, RestoreReport
 from runstate.rng import RNG
 from runstate.stateful import Stateful
@@ -41,6 +42,7 @@ __all__ = [
     "Mismatch",
     "ObjectSummary",
     "Problem",
+    "Registry",
     "RestoreReport",
     "StateMismatchError",
     "Stateful",
@@ -51,6 +53,8 @@ __all__ = [
     "__version__",
     "inspect",
     "load",
+    "register",
+    "registry",
     "save",
     "verify",
 ]

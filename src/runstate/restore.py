@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runstate.errors import StateMismatchError
-from runstate.format.tree import StatefulState, format_path
+from runstate.format.tree import NamedTupleState, StatefulState, format_path
 from runstate.reader import CheckpointReader
+from runstate.registry import Registration, registry
 from runstate.stateful import is_stateful
 
 __all__ = ["Mismatch", "RestoreReport", "plain", "restore_state"]
@@ -110,6 +111,8 @@ def plain(value: Any) -> Any:
     """Replace every ``StatefulState`` in a decoded tree by its plain state."""
     if isinstance(value, StatefulState):
         return plain(value.state)
+    if isinstance(value, NamedTupleState):
+        return tuple(plain(v) for v in value.values)  # the class is rebuilt only from a live value
     if isinstance(value, dict):
         return type(value)((k, plain(v)) for k, v in value.items())
     if type(value) is list:
@@ -234,10 +237,16 @@ def _restore_stateful(obj: Any, stored: StatefulState, path: tuple[Any, ...], pl
 def _restore_into(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan) -> Any:
     """Return the value that replaces ``template``; schedule in-place loads in ``plan``."""
     if isinstance(stored, StatefulState):
+        registered = registry.get(type(template))
+        if registered is not None:
+            _restore_registered(template, registered, stored, path, plan)
+            return template
         if is_stateful(template):
-            _restore_stateful(template, stored, path, plan)
+            _restore_stateful(template, _with_namedtuples(stored, template), path, plan)
             return template
         return plain(stored)
+    if isinstance(stored, NamedTupleState):
+        return _restore_namedtuple(template, stored, path, plan)
     if isinstance(stored, dict):
         t = template if isinstance(template, dict) else {}
         return type(stored)((k, _restore_into(t.get(k), v, (*path, k), plan)) for k, v in stored.items())
@@ -251,10 +260,117 @@ def _restore_into(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan
         for codec in object_codecs():
             if codec.copy_into(template, stored):
                 return template
+    stored = _place_jax(stored, template)
     torch_adapter = _torch()
     if torch_adapter is not None:
         return torch_adapter.place_like(stored, template)
     return stored
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_namedtuple(value: Any) -> bool:
+    return isinstance(value, tuple) and isinstance(getattr(type(value), "_fields", None), tuple)
+
+
+def _restore_namedtuple(template: Any, stored: NamedTupleState, path: tuple[Any, ...], plan: _Plan) -> Any:
+    """Rebuild a namedtuple as the live value's class; never import the class the manifest names."""
+    cls = type(template)
+    if _is_namedtuple(template) and _qualname(cls) == stored.type and cls._fields == stored.fields:
+        values = [
+            _restore_into(live, value, (*path, name), plan)
+            for name, live, value in zip(stored.fields, template, stored.values, strict=True)
+        ]
+        return cls._make(values)
+    if _is_namedtuple(template):
+        plan.add(
+            path, "type", f"a {stored.type}{stored.fields} in the checkpoint, a {_qualname(cls)}{cls._fields} live"
+        )
+        return template
+    return tuple(_restore_into(None, v, (*path, f), plan) for f, v in zip(stored.fields, stored.values, strict=True))
+
+
+def _has_namedtuples(value: Any) -> bool:
+    if isinstance(value, NamedTupleState):
+        return True
+    if isinstance(value, dict):
+        return any(_has_namedtuples(v) for v in value.values())
+    if type(value) in (list, tuple):
+        return any(_has_namedtuples(v) for v in value)
+    return False
+
+
+def _namedtuples_like(stored: Any, template: Any) -> Any:
+    """Turn ``NamedTupleState`` in a stored state_dict into the live state_dict's classes."""
+    if isinstance(stored, NamedTupleState):
+        cls = type(template)
+        items = (
+            template
+            if _is_namedtuple(template) and len(template) == len(stored.values)
+            else (None,) * len(stored.values)
+        )
+        values = [_namedtuples_like(v, t) for v, t in zip(stored.values, items, strict=True)]
+        if _is_namedtuple(template) and _qualname(cls) == stored.type and cls._fields == stored.fields:
+            return cls._make(values)
+        return tuple(values)
+    if isinstance(stored, dict):
+        t = template if isinstance(template, dict) else {}
+        return type(stored)((k, _namedtuples_like(v, t.get(k))) for k, v in stored.items())
+    if type(stored) in (list, tuple):
+        seq = template if isinstance(template, (list, tuple)) and len(template) == len(stored) else [None] * len(stored)
+        out = [_namedtuples_like(v, t) for v, t in zip(stored, seq, strict=True)]
+        return out if type(stored) is list else tuple(out)
+    return stored
+
+
+def _with_namedtuples(stored: StatefulState, obj: Any) -> StatefulState:
+    if not _has_namedtuples(stored.state):
+        return stored
+    return StatefulState(stored.type, _namedtuples_like(stored.state, obj.state_dict()), stored.param_names)
+
+
+def _restore_registered(
+    obj: Any, registered: Registration, stored: StatefulState, path: tuple[Any, ...], plan: _Plan
+) -> None:
+    """An object of a class registered with ``runstate.register``: ``set_state`` in place."""
+    where = format_path(path)
+    template = registered.get_state(obj)
+    before = len(plan.problems)
+    _compare(template, stored.state, path, plan, keys=True)
+    state = _namedtuples_like(stored.state, template)
+    if len(plan.problems) > before:
+        plan.actions.append((where, lambda: logger.warning("skipped restoring %s: it does not match", where)))
+    else:
+        plan.actions.append((where, lambda: registered.set_state(obj, state)))
+
+
+def _jax() -> Any:
+    from runstate.adapters import jax_adapter
+
+    return jax_adapter()
+
+
+def _place_jax(stored: Any, template: Any) -> Any:
+    adapter = _jax()
+    return stored if adapter is None else adapter.place_like(stored, template)
+
+
+def _restore_item(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan) -> Any:
+    """Restore one item; a JAX pytree must also keep its structure, shapes and dtypes.
+
+    JAX values are replaced, not loaded into, so nothing else would notice a mismatch. An item
+    that does not match keeps its live value (with ``strict=False``).
+    """
+    restored = _restore_into(template, stored, path, plan)
+    adapter = _jax()
+    if adapter is None or restored is template:
+        return restored
+    problems = adapter.check_like(template, restored)
+    for where, kind, text in problems:
+        plan.add((*path, *where), kind, text)
+    return template if problems else restored
 
 
 def _hints(problems: Sequence[Mismatch]) -> list[str]:
@@ -295,7 +411,7 @@ def restore_state(
     for key in state:
         if key in stored_items:
             stored = _apply_renames(key, reader.load_item(key), plan)
-            replacements[key] = _restore_into(state[key], stored, (key,), plan)
+            replacements[key] = _restore_item(state[key], stored, (key,), plan)
     report = RestoreReport(reader.path, tuple(plan.problems), dict(plan.renamed), tuple(_hints(plan.problems)))
     if plan.problems:
         if strict:

@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from runstate.errors import UnsupportedTypeError
 from runstate.format.tensors import NumpyCodec, TensorCodec
 from runstate.format.tree import CoreObjects, ObjectCodec
 
-__all__ = ["codec_for_lib", "find_codec", "object_codecs"]
+__all__ = ["codec_for_lib", "find_codec", "jax_adapter", "object_codecs"]
 
 _NUMPY = NumpyCodec()
 
@@ -27,6 +28,15 @@ def _torch_adapter() -> Any:
     return torch_adapter
 
 
+def jax_adapter() -> Any:
+    """``runstate.adapters.jax`` when the program has imported jax, else None."""
+    if sys.modules.get("jax") is None:
+        return None
+    from runstate.adapters import jax as jax_module
+
+    return jax_module
+
+
 def find_codec(value: Any) -> TensorCodec | None:
     """The codec for a tensor value, or None when ``value`` is not a tensor."""
     if isinstance(value, (np.ndarray, np.generic)):
@@ -35,6 +45,12 @@ def find_codec(value: Any) -> TensorCodec | None:
     if torch is not None and isinstance(value, torch.Tensor):
         codec: TensorCodec = _torch_adapter().CODEC
         return codec
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(value, jax.Array):
+        adapter = jax_adapter()
+        if not adapter.is_key(value):  # typed keys are objects (adapter.OBJECTS)
+            jax_codec: TensorCodec = adapter.CODEC
+            return jax_codec
     return None
 
 
@@ -48,13 +64,50 @@ def codec_for_lib(lib: str) -> TensorCodec | None:
         except ImportError:
             return None
         return codec
+    if lib == "jax":
+        try:
+            from runstate.adapters import jax as jax_module
+        except ImportError:
+            return None  # read as NumPy arrays
+        jax_codec: TensorCodec = jax_module.CODEC
+        return jax_codec
     return None
 
 
+class _JaxKeysWhenLoaded:
+    """Rebuilds typed JAX PRNG keys, importing jax only when a checkpoint holds one."""
+
+    def get(self, value: Any) -> tuple[str, Any, dict[str, Any]] | None:
+        return None
+
+    def make(self, kind: str, state: Any, attrs: dict[str, Any]) -> Any:
+        if kind != "jax.random.key":
+            raise KeyError(kind)
+        try:
+            from runstate.adapters import jax as jax_module
+        except ImportError:
+            raise UnsupportedTypeError(
+                "this checkpoint holds a typed JAX PRNG key (jax.random.key); install jax to load it"
+            ) from None
+        return jax_module.OBJECTS.make(kind, state, attrs)
+
+    def copy_into(self, target: Any, source: Any) -> bool:
+        return False
+
+
 def object_codecs(*, for_loading: bool = False) -> list[ObjectCodec]:
-    """Codecs for generator objects; torch's is included when torch is importable."""
+    """Codecs for generator objects; torch's is included when torch is importable.
+
+    JAX's (typed PRNG keys) is included when the program has imported jax; when loading
+    without it, a stand-in imports jax only if the checkpoint holds a typed key.
+    """
     codecs: list[ObjectCodec] = [CoreObjects()]
     if "torch" in sys.modules or for_loading:
         with contextlib.suppress(ImportError):
             codecs.append(_torch_adapter().OBJECTS)
+    adapter = jax_adapter()
+    if adapter is not None:
+        codecs.append(adapter.OBJECTS)
+    elif for_loading:
+        codecs.append(_JaxKeysWhenLoaded())
     return codecs

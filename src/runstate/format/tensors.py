@@ -64,6 +64,56 @@ _NUMPY_TO_CODE: dict[str, str] = {
 }
 _CODE_TO_NUMPY: dict[str, str] = {v: k for k, v in _NUMPY_TO_CODE.items()}
 
+# Dtypes NumPy lacks, provided by the ml_dtypes package (which JAX, TensorFlow and Keras use).
+# An array that already has one of them is stored under its code without importing anything;
+# rebuilding one imports ml_dtypes.
+_ML_DTYPES_TO_CODE: dict[str, str] = {
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+}
+_CODE_TO_ML_DTYPES: dict[str, str] = {v: k for k, v in _ML_DTYPES_TO_CODE.items()}
+
+
+def _ml_dtype(name: str) -> np.dtype[Any]:
+    """The NumPy dtype ``name`` from ml_dtypes (``bfloat16``, ``float8_e4m3fn``...).
+
+    Raises:
+        UnsupportedTypeError: ml_dtypes is not installed, or has no such dtype.
+    """
+    from runstate.errors import UnsupportedTypeError
+
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise UnsupportedTypeError(
+            f"a tensor of dtype {name} needs the ml_dtypes package to be read as a NumPy array; "
+            "install it (pip install ml-dtypes) or torch"
+        ) from None
+    found = getattr(ml_dtypes, name, None) if not name.startswith("_") else None
+    if not (isinstance(found, type) and issubclass(found, np.generic) and found.__module__ == "ml_dtypes"):
+        raise UnsupportedTypeError(
+            f"neither NumPy nor ml_dtypes {ml_dtypes.__version__} has a dtype {name!r}; "
+            "install torch (or a newer ml-dtypes) to load this tensor"
+        )
+    return np.dtype(found)
+
+
+def _lib_dtype(name: str) -> np.dtype[Any]:
+    """The NumPy dtype of a ``lib_dtype`` entry: NumPy's own, else an ml_dtypes one.
+
+    Raises:
+        UnsupportedTypeError: neither NumPy nor ml_dtypes knows ``name``.
+    """
+    try:
+        return np.dtype(name)
+    except TypeError:
+        if not name.isidentifier():
+            raise
+        return _ml_dtype(name)
+
 
 @dataclass
 class TensorBlob:
@@ -120,15 +170,17 @@ class NumpyCodec:
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         name = arr.dtype.name
-        code = _NUMPY_TO_CODE.get(name)
+        code = _NUMPY_TO_CODE.get(name) or _ML_DTYPES_TO_CODE.get(name)
+        ml_dtype = arr.dtype.type.__module__ == "ml_dtypes"
         if code is None:
-            if arr.dtype.kind in "OUSVMm" or arr.dtype.fields is not None:
+            if (arr.dtype.kind in "OUSVMm" and not ml_dtype) or arr.dtype.fields is not None:
                 raise UnsupportedTypeError(
                     f"{where}: a numpy array of dtype {arr.dtype} cannot be stored without "
                     "pickle; convert it to a numeric array or to a list of Python values"
                 )
             # A numeric dtype safetensors lacks (complex128, longdouble...): raw bytes.
-            meta["lib_dtype"] = arr.dtype.str
+            # ml_dtypes types (int4, float8_e8m0fnu...) by name: their dtype.str ("<V1") loses the type.
+            meta["lib_dtype"] = arr.dtype.name if ml_dtype else arr.dtype.str
             meta["lib_shape"] = list(arr.shape)
             flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
             return TensorBlob("U8", (flat.size,), flat.size, self.lib, lambda: flat.data, meta)
@@ -141,16 +193,20 @@ class NumpyCodec:
 
     def from_bytes(self, data: np.ndarray, dtype: str, shape: tuple[int, ...], meta: dict[str, Any]) -> Any:
         if "lib_dtype" in meta:
-            arr = data.view(np.dtype(meta["lib_dtype"])).reshape(meta["lib_shape"])
+            arr = data.view(_lib_dtype(str(meta["lib_dtype"]))).reshape(meta["lib_shape"])
         else:
             np_name = _CODE_TO_NUMPY.get(dtype)
-            if np_name is None:
+            if np_name is not None:
+                np_dtype = np.dtype(np_name)
+            elif dtype in _CODE_TO_ML_DTYPES:
+                np_dtype = _ml_dtype(_CODE_TO_ML_DTYPES[dtype])
+            else:
                 from runstate.errors import UnsupportedTypeError
 
                 raise UnsupportedTypeError(
                     f"a tensor of dtype {dtype} cannot be represented in NumPy; install torch to load it"
                 )
-            arr = data.view(np.dtype(np_name)).reshape(shape)
+            arr = data.view(np_dtype).reshape(shape)
         if meta.get("scalar"):
             return arr.reshape(()).copy()[()]
         return arr

@@ -21,11 +21,14 @@ import numpy as np
 
 from runstate.errors import CorruptCheckpointError, UnsupportedTypeError
 from runstate.format.tensors import TensorBlob, TensorCodec
+from runstate.registry import Registration, Registry
+from runstate.registry import registry as default_registry
 from runstate.stateful import is_stateful
 
 __all__ = [
     "Decoder",
     "Encoder",
+    "NamedTupleState",
     "ObjectCodec",
     "StatefulState",
     "format_path",
@@ -47,6 +50,28 @@ class StatefulState:
     type: str
     state: Any
     param_names: Any = None  # optimizers: the parameter names of each group, when saved
+
+
+@dataclass(frozen=True)
+class NamedTupleState:
+    """A decoded namedtuple: the ``<module>.<qualname>`` of its class, its fields and values.
+
+    The class is never looked up from ``type`` (a checkpoint may be hostile): restoring
+    rebuilds it only when the live value at the same place is an instance of that class;
+    otherwise it becomes a plain tuple.
+    """
+
+    type: str
+    fields: tuple[str, ...]
+    values: tuple[Any, ...]
+
+
+def _namedtuple_fields(value: tuple[Any, ...]) -> tuple[str, ...] | None:
+    """The field names of a namedtuple (``collections.namedtuple``, ``typing.NamedTuple``)."""
+    fields = getattr(type(value), "_fields", None)
+    if isinstance(fields, tuple) and len(fields) == len(value) and all(type(f) is str for f in fields):
+        return fields
+    return None
 
 
 class ObjectCodec(Protocol):
@@ -124,13 +149,17 @@ class Encoder:
         item: the top-level key; used for error paths and as the name of a bare tensor.
         find_codec: returns the codec for a tensor value, or None when it is not a tensor.
         objects: codecs for stateful objects without ``state_dict``.
+        registry: classes registered with ``runstate.register``; ``runstate.registry`` when None.
     """
 
-    def __init__(self, item: str, find_codec: CodecFinder, objects: list[ObjectCodec]) -> None:
+    def __init__(
+        self, item: str, find_codec: CodecFinder, objects: list[ObjectCodec], registry: Registry | None = None
+    ) -> None:
         self.item = item
         self.blobs: dict[str, TensorBlob] = {}
         self._find_codec = find_codec
         self._objects = objects
+        self._registry = registry
         self._names_by_identity: dict[Any, str] = {}
 
     def encode(self, value: Any) -> Node:
@@ -172,6 +201,11 @@ class Encoder:
             if t is OrderedDict:
                 return {"t": "dict", "ordered": True, "v": items}
             return {"t": "dict", "v": items}
+        registered = (self._registry if self._registry is not None else default_registry).get(t)
+        if registered is not None:
+            return self._encode_registered(value, registered, path)
+        if isinstance(value, tuple) and _namedtuple_fields(value) is not None:
+            return self._encode_namedtuple(value, path)
         codec = self._find_codec(value)
         if codec is not None:
             return self._encode_tensor(codec, value, path)
@@ -194,6 +228,28 @@ class Encoder:
                 "v": self._encode(state, path),
             }
         raise UnsupportedTypeError(self._unsupported_message(value, path))
+
+    def _encode_namedtuple(self, value: tuple[Any, ...], path: tuple[PathPart, ...]) -> Node:
+        """A namedtuple keeps its class name and fields; its children are named by field."""
+        cls = type(value)
+        fields = _namedtuple_fields(value) or ()
+        return {
+            "t": "namedtuple",
+            "type": f"{cls.__module__}.{cls.__qualname__}",
+            "fields": list(fields),
+            "v": [self._encode(x, (*path, f)) for f, x in zip(fields, value, strict=True)],
+        }
+
+    def _encode_registered(self, value: Any, registered: Registration, path: tuple[PathPart, ...]) -> Node:
+        """An instance of a class registered with ``runstate.register``: a ``stateful`` node."""
+        cls = type(value)
+        try:
+            state = registered.get_state(value)
+        except Exception as exc:
+            raise UnsupportedTypeError(
+                f"{self._where(path)}: the get_state registered for {cls.__qualname__} raised {exc!r}"
+            ) from exc
+        return {"t": "stateful", "type": f"{cls.__module__}.{cls.__qualname__}", "v": self._encode(state, path)}
 
     def _encode_key(self, key: Any, path: tuple[PathPart, ...]) -> Any:
         t = type(key)
@@ -302,6 +358,8 @@ class Decoder:
                 return self._tensors[name]
             if t == "stateful":
                 return StatefulState(str(node["type"]), self._decode(node["v"], path), node.get("param_names"))
+            if t == "namedtuple":
+                return self._decode_namedtuple(node, path)
             if t == "object":
                 state = self._decode(node["v"], path)
                 for objects in self._objects:
@@ -319,3 +377,14 @@ class Decoder:
             # RecursionError is a RuntimeError: absurdly deep trees are damage too.
             raise self._bad(path, f"malformed {t!r} node ({exc!r})") from exc
         raise self._bad(path, f"unknown node type {t!r}")
+
+    def _decode_namedtuple(self, node: Node, path: tuple[PathPart, ...]) -> NamedTupleState:
+        fields, values = node["fields"], node["v"]
+        if not isinstance(node["type"], str):
+            raise ValueError("type is not a string")
+        if not isinstance(fields, list) or not all(type(f) is str for f in fields):
+            raise ValueError("fields is not a list of strings")
+        if not isinstance(values, list) or len(values) != len(fields):
+            raise ValueError(f"{len(fields)} fields but {len(values) if isinstance(values, list) else 'no'} values")
+        decoded = tuple(self._decode(x, (*path, f)) for f, x in zip(fields, values, strict=True))
+        return NamedTupleState(node["type"], tuple(fields), decoded)
