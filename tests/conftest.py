@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -25,3 +26,18 @@ def fresh_training_state(seed: int = 100, hidden: int = 8) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     return {"model": model, "optimizer": opt, "scheduler": sched}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--stress",
+        action="store_true",
+        default=False,
+        help="run the fault-injection and fuzz tests ten times longer (make stress)",
+    )
+
+
+@pytest.fixture
+def stress(request: pytest.FixtureRequest) -> bool:
+    """True under ``--stress``: fault-injection and fuzz tests scale their trial counts up."""
+    return bool(request.config.getoption("--stress"))

@@ -27,7 +27,7 @@ from runstate.errors import (
     UnsupportedTypeError,
 )
 from runstate.format.manifest import MANIFEST_NAME, ItemEntry, Manifest, TensorEntry
-from runstate.format.safetensors_io import write_safetensors
+from runstate.format.safetensors_io import file_metadata, write_safetensors
 from runstate.format.tensors import TensorBlob
 from runstate.format.tree import Encoder
 
@@ -188,8 +188,7 @@ def write_checkpoint(
         if blobs:
             shards = _shards(blobs, shard_bytes)
             fnames = _file_names(name, len(shards), taken)
-            libs = {b.lib for _, b in blobs}
-            metadata = {"format": "pt" if libs == {"torch"} else "np", "runstate_item": name}
+            metadata = file_metadata(name, (b.lib for _, b in blobs))
             for i, shard in enumerate(shards):
                 fname = fnames[i]
                 size, written = write_safetensors(os.path.join(directory, fname), shard, metadata)

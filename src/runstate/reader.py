@@ -19,7 +19,7 @@ from runstate.adapters import codec_for_lib, object_codecs
 from runstate.checkpoint import CheckpointInfo
 from runstate.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedTypeError
 from runstate.format.manifest import MANIFEST_NAME, Manifest, TensorEntry
-from runstate.format.safetensors_io import checksum, read_header, read_tensor_bytes
+from runstate.format.safetensors_io import checksum, file_metadata, header_bytes, read_header, read_tensor_bytes
 from runstate.format.tensors import NumpyCodec
 from runstate.format.tree import Decoder
 
@@ -46,9 +46,19 @@ def _missing(path: str) -> CheckpointNotFoundError:
 
 
 def _open_regular(path: str, name: str) -> IO[bytes]:
-    """Open a regular file that is not a symlink, or raise ``CorruptCheckpointError``."""
+    """Open a regular file that is not a symlink, or raise ``CorruptCheckpointError``.
+
+    Anything else is refused before it is opened: opening a FIFO would block forever and
+    opening a device runs its driver. ``O_NOFOLLOW``, ``O_NONBLOCK`` and the ``fstat`` after
+    the open close the gap should the entry be swapped in between.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise CorruptCheckpointError(
+                f"{path}: not a regular file (symlinks are refused, and so are directories, FIFOs and devices)",
+                file=name,
+            )
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: file is missing; the checkpoint is incomplete", file=name) from None
     except OSError as exc:
@@ -81,7 +91,7 @@ class CheckpointReader:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_MANIFEST_BYTES:
                 raise CorruptCheckpointError(f"{manifest_path}: {size} bytes is implausibly large", file=MANIFEST_NAME)
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
+            raw = f.read(size)  # never read(LIMIT): a buffered read allocates its whole argument up front
         self.manifest = Manifest.from_json_bytes(raw, manifest_path)
         self.manifest_nbytes = len(raw)
         self._files: dict[str, tuple[IO[bytes], int]] = {}
@@ -123,21 +133,31 @@ class CheckpointReader:
             if size != expected:
                 raise CorruptCheckpointError(f"{fpath}: size is {size} bytes, the manifest says {expected}", file=fname)
             try:
-                header, data_start = read_header(f, fpath)
+                header, data_start, raw = read_header(f, fpath)
             except CorruptCheckpointError as exc:
                 exc.file = fname
                 raise
-            self._check_header(fpath, fname, header, size - data_start)
+            self._check_header(fpath, fname, header, raw, size - data_start)
         except BaseException:
             f.close()
             raise
         self._files[fname] = (f, data_start)
         return f, data_start
 
-    def _check_header(self, fpath: str, fname: str, header: dict[str, Any], data_size: int) -> None:
-        listed = {
-            tname: e for entry in self.manifest.items.values() for tname, e in entry.tensors.items() if e.file == fname
+    def _check_header(self, fpath: str, fname: str, header: dict[str, Any], raw: bytes, data_size: int) -> None:
+        owners = {
+            item: [(tname, e) for tname, e in entry.tensors.items() if e.file == fname]
+            for item, entry in self.manifest.items.items()
         }
+        owners = {item: tensors for item, tensors in owners.items() if tensors}
+        if len(owners) != 1:
+            raise CorruptCheckpointError(
+                f"{fpath}: the manifest puts tensors of {len(owners)} items in this file, a tensor file holds "
+                "the tensors of exactly one item",
+                file=fname,
+            )
+        ((item, tensors),) = owners.items()
+        listed = dict(tensors)
         in_header = {k for k in header if k != "__metadata__"}
         if in_header != set(listed):
             raise CorruptCheckpointError(
@@ -166,6 +186,18 @@ class CheckpointReader:
         if end != data_size:
             raise CorruptCheckpointError(
                 f"{fpath}: data section is {data_size} bytes, the tensors need {end}", file=fname
+            )
+        # No checksum covers the header itself, so it must be byte for byte the one the
+        # (checksummed) manifest implies: this catches damage to __metadata__ and padding too.
+        # Tensors are taken in the header's own order: the manifest's key order may change.
+        libs = (e.lib for e in self.manifest.items[item].tensors.values())
+        in_file = ((t, listed[t].dtype, listed[t].shape, listed[t].begin, listed[t].end) for t in header if t in listed)
+        expected = header_bytes(in_file, file_metadata(item, libs))
+        if raw != expected:
+            raise CorruptCheckpointError(
+                f"{fpath}: header bytes differ from the ones the manifest implies (damaged metadata, "
+                "formatting or padding)",
+                file=fname,
             )
 
     def entry(self, item: str, name: str) -> TensorEntry:

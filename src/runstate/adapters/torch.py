@@ -160,12 +160,25 @@ def is_optimizer(obj: Any) -> bool:
     return isinstance(obj, torch.optim.Optimizer)
 
 
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
 def check_optimizer(opt: torch.optim.Optimizer, stored: Any, where: str) -> list[str]:
     """Problems that would make ``opt.load_state_dict(stored)`` wrong or fail."""
     problems: list[str] = []
-    if not isinstance(stored, dict) or "param_groups" not in stored or "state" not in stored:
+    groups = stored.get("param_groups") if isinstance(stored, dict) else None
+    if (
+        not isinstance(groups, list)
+        or not all(isinstance(g, dict) and isinstance(g.get("params", []), list) for g in groups)
+        or not isinstance(stored.get("state"), dict)
+        or not all(_hashable(i) for g in groups for i in g.get("params", []))
+    ):  # a checkpoint is data from anywhere: its shape is checked before it is used
         return [f"{where}: the checkpoint does not hold an optimizer state_dict"]
-    groups = stored["param_groups"]
     if len(groups) != len(opt.param_groups):
         return [
             f"{where}['param_groups']: checkpoint has {len(groups)} param groups, "

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import xxhash
 
 from runstate.errors import CorruptCheckpointError, FormatVersionError
@@ -78,6 +79,8 @@ class TensorEntry:
             raise ValueError(f"data_offsets {[begin, end]} do not fit shape {list(entry.shape)} of {entry.dtype}")
         if not _is_plain_file_name(entry.file):
             raise ValueError(f"file name {entry.file!r} is not a plain .safetensors name inside the checkpoint")
+        if "lib_dtype" in meta:
+            _check_lib_dtype(meta["lib_dtype"])
         if "lib_shape" in meta and not (
             isinstance(meta["lib_shape"], list) and all(type(d) is int and d >= 0 for d in meta["lib_shape"])
         ):
@@ -146,7 +149,7 @@ class Manifest:
         """
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting, 4300+ digit numbers
             raise CorruptCheckpointError(
                 f"{path}: not valid JSON ({exc}); the manifest is damaged, use another checkpoint",
                 file=MANIFEST_NAME,
@@ -221,6 +224,26 @@ def _count(value: Any) -> int:
     if type(value) is not int or value < 0:
         raise ValueError(f"expected a non-negative integer, got {value!r}")
     return value
+
+
+def _check_lib_dtype(value: Any) -> None:
+    """A ``lib_dtype`` must name a numeric dtype: raw bytes are never rebuilt as strings,
+    dates, records or objects (the writer stores only numeric dtypes this way).
+
+    Names NumPy does not parse (``float8_e8m0fnu``, ml_dtypes' ``int4``) are left to the codec,
+    which looks them up among real dtypes only.
+    """
+    if not isinstance(value, str) or len(value) > 64:
+        raise ValueError(f"lib_dtype {str(value)[:64]!r} is not a dtype name")
+    try:
+        dtype = np.dtype(value)
+    except (TypeError, ValueError, SyntaxError, RecursionError, OverflowError):  # NumPy parses "(2,3)f8" with ast
+        if value.isidentifier():
+            return
+        raise ValueError(f"lib_dtype {value!r} is not a dtype name") from None
+    numeric = dtype.kind in "biufc" or dtype.type.__module__ == "ml_dtypes"
+    if not numeric or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"lib_dtype {value!r} is not a numeric dtype")
 
 
 def _is_plain_file_name(name: str) -> bool:

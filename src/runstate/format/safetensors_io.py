@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
 import numpy as np
@@ -21,7 +21,14 @@ import xxhash
 from runstate.errors import CorruptCheckpointError
 from runstate.format.tensors import DTYPE_SIZES, TensorBlob
 
-__all__ = ["WrittenTensor", "read_header", "read_tensor_bytes", "write_safetensors"]
+__all__ = [
+    "WrittenTensor",
+    "file_metadata",
+    "header_bytes",
+    "read_header",
+    "read_tensor_bytes",
+    "write_safetensors",
+]
 
 _CHUNK = 64 * 1024 * 1024
 _MAX_HEADER = 100 * 1024 * 1024
@@ -41,19 +48,31 @@ def checksum(data: Any) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
-def _header_bytes(tensors: Sequence[tuple[str, TensorBlob]], metadata: dict[str, str]) -> bytes:
+def file_metadata(item: str, libs: Iterable[str]) -> dict[str, str]:
+    """The ``__metadata__`` of every tensor file of ``item``, given the ``lib`` of each of its tensors."""
+    return {"format": "pt" if set(libs) == {"torch"} else "np", "runstate_item": item}
+
+
+def header_bytes(tensors: Iterable[tuple[str, str, Sequence[int], int, int]], metadata: dict[str, str]) -> bytes:
+    """The exact header runstate writes for ``(name, dtype, shape, begin, end)`` tensors, in this order.
+
+    Compact JSON, ``__metadata__`` first, padded with spaces to a multiple of 8 bytes. The
+    reader compares a file's header with this, byte for byte: the header is the one part of
+    a tensor file that no checksum covers.
+    """
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, blob in tensors:
-        header[name] = {
-            "dtype": blob.dtype,
-            "shape": list(blob.shape),
-            "data_offsets": [offset, offset + blob.nbytes],
-        }
-        offset += blob.nbytes
+    for name, dtype, shape, begin, end in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     raw += b" " * (-len(raw) % 8)
     return raw
+
+
+def _in_file_order(tensors: Sequence[tuple[str, TensorBlob]]) -> Iterable[tuple[str, str, Sequence[int], int, int]]:
+    offset = 0
+    for name, blob in tensors:
+        yield name, blob.dtype, blob.shape, offset, offset + blob.nbytes
+        offset += blob.nbytes
 
 
 def write_safetensors(
@@ -64,7 +83,7 @@ def write_safetensors(
     Returns:
         The file size and, per tensor name, its data offsets and checksum.
     """
-    header = _header_bytes(tensors, metadata)
+    header = header_bytes(_in_file_order(tensors), metadata)
     written: dict[str, WrittenTensor] = {}
     with open(path, "xb", buffering=0) as f:
         f.write(struct.pack("<Q", len(header)) + header)
@@ -86,24 +105,35 @@ def write_safetensors(
     return 8 + len(header) + offset, written
 
 
-def read_header(f: IO[bytes], path: str) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header; return it and the offset where tensor data begins."""
+def read_header(f: IO[bytes], path: str) -> tuple[dict[str, Any], int, bytes]:
+    """Parse a safetensors header.
+
+    Returns:
+        The header, the offset where tensor data begins, and the header's raw bytes.
+
+    Raises:
+        CorruptCheckpointError: a header length past the file's end or the limit (checked
+            before anything is allocated), or a header that is not a JSON object.
+    """
     raw = f.read(8)
     if len(raw) != 8:
         raise CorruptCheckpointError(f"{path}: truncated safetensors file (no header length)")
     (n,) = struct.unpack("<Q", raw)
     if n > _MAX_HEADER:
         raise CorruptCheckpointError(f"{path}: safetensors header length {n} is implausible")
+    available = os.fstat(f.fileno()).st_size - 8
+    if n > available:
+        raise CorruptCheckpointError(f"{path}: truncated safetensors header ({n} bytes announced, {available} in the file)")
     body = f.read(n)
     if len(body) != n:
         raise CorruptCheckpointError(f"{path}: truncated safetensors header")
     try:
         header = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting, 4300+ digit numbers
         raise CorruptCheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: safetensors header is not a JSON object")
-    return header, 8 + n
+    return header, 8 + n, body
 
 
 def read_tensor_bytes(f: IO[bytes], path: str, data_start: int, begin: int, end: int) -> np.ndarray:

@@ -52,7 +52,9 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_error(exc: OSError, what: str, path: str) -> CheckpointWriteError:
+def _write_error(
+    exc: OSError, what: str, path: str, consequence: str = "nothing was committed"
+) -> CheckpointWriteError:
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     hint = {
         errno.ENOSPC: "free disk space or lower keep_last",
@@ -60,7 +62,7 @@ def _write_error(exc: OSError, what: str, path: str) -> CheckpointWriteError:
         errno.EACCES: "check the directory's permissions",
         errno.EROFS: "the filesystem is read-only; save somewhere else",
     }.get(exc.errno or 0, "check the disk and try again")
-    err = CheckpointWriteError(exc.errno or 0, f"{what} {path}: {reason}; nothing was committed, {hint}")
+    err = CheckpointWriteError(exc.errno or 0, f"{what} {path}: {reason}; {consequence}, {hint}")
     err.filename = path
     return err
 
@@ -85,14 +87,21 @@ def commit_directory(final: str) -> Iterator[str]:
         os.mkdir(tmp)
     except OSError as exc:
         raise _write_error(exc, "cannot create", tmp) from exc
+    renamed = False
     try:
         yield tmp
         fsync_dir(tmp)
         if os.path.lexists(final):
             raise StepExistsError(f"{final} appeared while saving; another writer uses this path")
         os.rename(tmp, final)
+        renamed = True
         fsync_dir(parent)
     except BaseException as exc:
+        if renamed:
+            # The rename is not known to be durable: take it back, so that an exception
+            # always means "not committed" and the same step can be saved again.
+            with contextlib.suppress(OSError):
+                os.rename(final, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, (StepExistsError, CheckpointWriteError)):
             raise _write_error(exc, "cannot write checkpoint", final) from exc
@@ -116,12 +125,24 @@ def _makedirs_durable(path: str) -> None:
 
 
 def delete_directory(path: str) -> None:
-    """Delete a committed checkpoint so that no reader ever sees it half-deleted."""
+    """Delete a committed checkpoint so that no reader ever sees it half-deleted.
+
+    Raises:
+        CheckpointWriteError: an OS error; the checkpoint is then either still committed
+            or hidden under a ``.del-`` name that the next writer removes.
+    """
     parent, name = os.path.split(os.path.abspath(path))
     doomed = os.path.join(parent, f".del-{name}-{uuid.uuid4().hex[:12]}")
-    os.rename(path, doomed)
-    fsync_dir(parent)
-    shutil.rmtree(doomed)
+    try:
+        os.rename(path, doomed)
+    except OSError as exc:
+        raise _write_error(exc, "cannot delete old checkpoint", path, "it is still there") from exc
+    try:
+        fsync_dir(parent)
+        shutil.rmtree(doomed)
+    except OSError as exc:
+        left = f"it is gone, but its files remain in {doomed} until the next writer"
+        raise _write_error(exc, "cannot delete old checkpoint", path, left) from exc
 
 
 def list_committed(directory: str) -> dict[int, str]:
@@ -151,7 +172,10 @@ def list_leftovers(directory: str) -> list[str]:
 
 def remove_leftovers(directory: str) -> list[str]:
     """Remove temporaries; call only while holding the run's :class:`RunLock`."""
-    removed = list_leftovers(directory)
+    try:
+        removed = list_leftovers(directory)
+    except OSError as exc:
+        raise _write_error(exc, "cannot list", directory) from exc
     for path in removed:
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
@@ -198,8 +222,12 @@ class RunLock:
                 f"({holder}); only one writer per run directory is allowed: close the other "
                 "one or use a different directory",
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as exc:  # e.g. ENOLCK: a filesystem without flock
+            os.close(fd)
+            raise _write_error(exc, "cannot lock", self.path) from exc
+        with contextlib.suppress(OSError):  # the holder's name is informational: a full disk must not matter
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
