@@ -319,3 +319,15 @@ def test_ints_past_the_decimal_digit_limit(tmp_path: Path) -> None:
     huge = 7**20000
     runstate.save(tmp_path / "ck", {"n": [huge, -huge]})
     assert runstate.load(tmp_path / "ck")["n"] == [huge, -huge]
+
+
+def test_a_plain_state_dict_is_loaded_into_a_live_object(tmp_path: Path) -> None:
+    src = make_training_state()
+    runstate.save(tmp_path / "ck", {"model": dict(src["model"].state_dict()), "optimizer": src["optimizer"].state_dict()})
+    target = fresh_training_state()
+    model, opt = target["model"], target["optimizer"]
+    runstate.load(tmp_path / "ck", {"model": model, "optimizer": opt})
+    assert torch.equal(model[0].weight, src["model"][0].weight)  # loaded in place, not replaced by a dict
+    assert torch.equal(opt.state[model[0].weight]["exp_avg"], src["optimizer"].state[src["model"][0].weight]["exp_avg"])
+    with pytest.raises(runstate.StateMismatchError, match="missing from the checkpoint"):
+        runstate.load(tmp_path / "ck", {"model": nn.Linear(4, 8), "optimizer": torch.optim.SGD(nn.Linear(4, 8).parameters(), lr=0.1)})

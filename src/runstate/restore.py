@@ -236,6 +236,9 @@ def _restore_stateful(obj: Any, stored: StatefulState, path: tuple[Any, ...], pl
 
 def _restore_into(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan) -> Any:
     """Return the value that replaces ``template``; schedule in-place loads in ``plan``."""
+    if isinstance(stored, dict) and not isinstance(template, dict) and is_stateful(template):
+        # A plain dict stored for a live object (e.g. a state_dict saved on its own): load it.
+        stored = StatefulState(f"{type(template).__module__}.{type(template).__qualname__}", stored)
     if isinstance(stored, StatefulState):
         registered = registry.get(type(template))
         if registered is not None:
