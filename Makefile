@@ -30,3 +30,15 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Fault injection and fuzzing (tests/test_fault_injection.py, tests/test_untrusted.py) with ten
+# times the kill trials and fuzz cases of `make test`; -rP prints each test's counts.
+.PHONY: stress fuzz
+stress: $(STAMP)
+	$(PY) -m pytest -n 2 -q -rP --stress tests/test_fault_injection.py tests/test_untrusted.py
+
+# The atheris target for the reader (fuzz/README.md); atheris is installed on demand.
+fuzz: $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q atheris
+	mkdir -p fuzz/corpus
+	$(PY) fuzz/fuzz_reader.py fuzz/corpus -max_total_time=600 -rss_limit_mb=1024 -max_len=65536 -len_control=0 -artifact_prefix=fuzz/
