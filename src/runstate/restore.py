@@ -8,6 +8,7 @@ not match is returned as a :class:`RestoreReport`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -257,17 +258,30 @@ def _restore_into(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan
         seq = template if isinstance(template, (list, tuple)) and len(template) == len(stored) else [None] * len(stored)
         out = [_restore_into(a, b, (*path, i), plan) for i, (a, b) in enumerate(zip(seq, stored, strict=True))]
         return out if type(stored) is list else tuple(out)
-    if template is not None and type(template) is type(stored) and not _is_tensor(stored):
-        from runstate.adapters import object_codecs
-
-        for codec in object_codecs():
-            if codec.copy_into(template, stored):
-                return template
+    live_object = template is not None and type(template) is type(stored) and not _is_tensor(stored)
+    if live_object and _copy_into_later(template, stored, path, plan):
+        return template
     stored = _place_jax(stored, template)
     torch_adapter = _torch()
     if torch_adapter is not None:
         return torch_adapter.place_like(stored, template)
     return stored
+
+
+def _copy_into_later(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan) -> bool:
+    """Schedule copying a restored generator into the live one (phase two, like ``load_state_dict``).
+
+    Copying right away would change the live generator even when another item then turns
+    out not to match and the restore is abandoned.
+    """
+    from runstate.adapters import object_codecs
+
+    for codec in object_codecs():
+        live, got = codec.get(template), codec.get(stored)
+        if live is not None and got is not None and live[0] == got[0] and live[2] == got[2]:
+            plan.actions.append((format_path(path), functools.partial(codec.copy_into, template, stored)))
+            return True
+    return False
 
 
 def _qualname(cls: type) -> str:
