@@ -331,3 +331,15 @@ def test_a_plain_state_dict_is_loaded_into_a_live_object(tmp_path: Path) -> None
     assert torch.equal(opt.state[model[0].weight]["exp_avg"], src["optimizer"].state[src["model"][0].weight]["exp_avg"])
     with pytest.raises(runstate.StateMismatchError, match="missing from the checkpoint"):
         runstate.load(tmp_path / "ck", {"model": nn.Linear(4, 8), "optimizer": torch.optim.SGD(nn.Linear(4, 8).parameters(), lr=0.1)})
+
+
+def test_reading_a_numpy_only_checkpoint_does_not_import_torch(tmp_path: Path) -> None:
+    runstate.save(tmp_path / "ck", {"a": np.arange(4), "rng": np.random.default_rng(1), "n": 3})
+    code = (
+        "import sys, runstate\n"
+        f"got = runstate.load({str(tmp_path / 'ck')!r})\n"
+        f"assert runstate.verify({str(tmp_path / 'ck')!r}).ok\n"
+        "print(list(got['a']), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[np.int64(0), np.int64(1), np.int64(2), np.int64(3)] False"

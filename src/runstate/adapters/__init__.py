@@ -95,16 +95,38 @@ class _JaxKeysWhenLoaded:
         return False
 
 
+class _TorchGeneratorsWhenLoaded:
+    """Rebuilds ``torch.Generator`` objects, importing torch only when a checkpoint holds one."""
+
+    def get(self, value: Any) -> tuple[str, Any, dict[str, Any]] | None:
+        return None
+
+    def make(self, kind: str, state: Any, attrs: dict[str, Any]) -> Any:
+        if kind != "torch.Generator":
+            raise KeyError(kind)
+        try:
+            objects = _torch_adapter().OBJECTS
+        except ImportError:
+            raise UnsupportedTypeError("this checkpoint holds a torch.Generator; install torch to load it") from None
+        return objects.make(kind, state, attrs)
+
+    def copy_into(self, target: Any, source: Any) -> bool:
+        return False
+
+
 def object_codecs(*, for_loading: bool = False) -> list[ObjectCodec]:
-    """Codecs for generator objects; torch's is included when torch is importable.
+    """Codecs for generator objects; torch's is included when the program has imported torch;
+    when loading without it, a stand-in imports torch only if the checkpoint holds a generator.
 
     JAX's (typed PRNG keys) is included when the program has imported jax; when loading
     without it, a stand-in imports jax only if the checkpoint holds a typed key.
     """
     codecs: list[ObjectCodec] = [CoreObjects()]
-    if "torch" in sys.modules or for_loading:
+    if "torch" in sys.modules:
         with contextlib.suppress(ImportError):
             codecs.append(_torch_adapter().OBJECTS)
+    elif for_loading:
+        codecs.append(_TorchGeneratorsWhenLoaded())
     adapter = jax_adapter()
     if adapter is not None:
         codecs.append(adapter.OBJECTS)
