@@ -21,6 +21,7 @@ written to the corpus directory when it is empty.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -40,7 +41,7 @@ import runstate
 from runstate.format.manifest import _canonical_checksum
 
 MODES = 3
-_WORK = Path(tempfile.mkdtemp(prefix="runstate-fuzz-"))
+_WORK = Path()  # a temporary directory, made by _setup() (nothing happens at import)
 _VICTIM: dict[str, bytes] = {}
 _NAMES: list[str] = []
 
@@ -74,6 +75,9 @@ def _live() -> dict[str, Any]:
 
 
 def _setup() -> None:
+    global _WORK
+    _WORK = Path(tempfile.mkdtemp(prefix="runstate-fuzz-"))
+    atexit.register(shutil.rmtree, _WORK, True)
     runstate.save(_WORK / "victim", _state(), step=1, metrics={"loss": 0.5})
     _VICTIM.update({p.name: p.read_bytes() for p in sorted((_WORK / "victim").iterdir())})
     _NAMES.extend(sorted(_VICTIM))
