@@ -265,10 +265,9 @@ class CheckpointManager:
             return False
         self.wait()  # at most one save in flight; re-raises a failed background save
         prepared = prepare(state, metrics)
-        if not self._lock.held:
-            self._lock.acquire()
-            for leftover in remove_leftovers(self.directory):
-                logger.info("removed leftover of an interrupted save: %s", leftover)
+        self._lock.acquire()  # no-op once held
+        for leftover in remove_leftovers(self.directory):  # interrupted saves or deletions
+            logger.info("removed leftover of an interrupted save or deletion: %s", leftover)
         if os.path.lexists(self.path(step)) and step not in self._corrupt:
             raise StepExistsError(f"{self.path(step)} already exists; save under a new step or delete it first")
         self._last_save = now
@@ -306,7 +305,10 @@ class CheckpointManager:
             info.nbytes / 1e9 / max(seconds, 1e-9),
             " in the background" if self._executor is not None else "",
         )
-        self._apply_retention(step)
+        try:
+            self._apply_retention(step)
+        except CheckpointError as exc:  # the new checkpoint is committed: do not fail the save
+            logger.warning("step %d is saved, but removing older checkpoints failed: %s", step, exc)
 
     def wait(self) -> None:
         """Block until the save in flight (``async_save=True``) is committed.
@@ -331,7 +333,12 @@ class CheckpointManager:
         path = self.path(step)
         if step in self._corrupt and os.path.isdir(path):
             aside = f"{path}.corrupt-{int(time.time())}"
-            os.rename(path, aside)
+            try:
+                os.rename(path, aside)
+            except OSError as exc:
+                raise CheckpointWriteError(
+                    exc.errno or 0, f"cannot move the damaged {path} aside to save step {step} again: {exc.strerror}"
+                ) from exc
             self._corrupt.discard(step)
             logger.warning("moved corrupt checkpoint %s aside to %s before saving step %d again", path, aside, step)
 

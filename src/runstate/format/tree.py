@@ -375,7 +375,7 @@ class Decoder:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as exc:
             # RecursionError is a RuntimeError: absurdly deep trees are damage too.
-            raise self._bad(path, f"malformed {t!r} node ({exc!r})") from exc
+            raise self._bad(path, f"malformed {t!r} node ({repr(exc)[:200]})") from exc
         raise self._bad(path, f"unknown node type {t!r}")
 
     def _decode_namedtuple(self, node: Node, path: tuple[PathPart, ...]) -> NamedTupleState:
