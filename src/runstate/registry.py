@@ -75,12 +75,13 @@ class Registry:
             set_state: ``set_state(obj, state)`` restores ``obj`` in place from that state.
 
         Returns:
-            The new :class:`Registration`.
+            The :class:`Registration`. Registering a class again with the same two functions
+            (a script or notebook cell run twice) returns the existing one.
 
         Raises:
             TypeError: ``type_`` is not a class, is a type the checkpoint format stores natively
                 (``int``, ``dict``, ...), or a function is not callable.
-            ValueError: ``type_`` is already registered (unregister it first).
+            ValueError: ``type_`` is already registered with other functions (unregister it first).
         """
         if not isinstance(type_, type):
             raise TypeError(f"register() needs a class, got {type_!r}")
@@ -88,9 +89,12 @@ class Registry:
             raise TypeError(f"{type_.__qualname__} is stored natively by runstate and cannot be registered")
         if not callable(get_state) or not callable(set_state):
             raise TypeError("register() needs callable get_state and set_state")
-        if type_ in self._entries:
+        existing = self._entries.get(type_)
+        if existing is not None and existing.get_state == get_state and existing.set_state == set_state:
+            return existing
+        if existing is not None:
             raise ValueError(
-                f"{type_.__module__}.{type_.__qualname__} is already registered; call "
+                f"{type_.__module__}.{type_.__qualname__} is already registered with other functions; call "
                 "runstate.registry.unregister() first to replace it"
             )
         entry = Registration(type_, get_state, set_state)
