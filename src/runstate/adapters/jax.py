@@ -27,15 +27,10 @@ import numpy as np
 from runstate.errors import UnsupportedTypeError
 from runstate.format.tensors import NumpyCodec, TensorBlob
 
-__all__ = ["CODEC", "OBJECTS", "JaxCodec", "JaxObjects", "check_like", "is_array", "is_key", "place_like"]
+__all__ = ["CODEC", "OBJECTS", "JaxCodec", "JaxObjects", "check_like", "is_key", "place_like"]
 
 _NUMPY = NumpyCodec()
 _KEY_KIND = "jax.random.key"
-
-
-def is_array(value: Any) -> bool:
-    """True for a concrete ``jax.Array`` (typed keys included)."""
-    return isinstance(value, jax.Array)
 
 
 def is_key(value: Any) -> bool:
