@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,8 +78,10 @@ def test_seeded_dataset_leaves_the_main_process_generators_alone() -> None:
     assert (random.random(), float(np.random.rand()), torch.rand(()).item()) == expected
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_loader_resumes_exactly_and_never_touches_the_global_rng(workers: int) -> None:
+def check_loader_resumes_exactly(workers: int) -> None:
+    """Interrupted after 3 batches and resumed in a fresh loader: the same 7 batches, and the
+    global torch RNG (dropout) sees the same draws."""
+
     def make():
         return resumable_loader(Noisy(), batch_size=3, seed=5, num_workers=workers)
 
@@ -100,6 +106,20 @@ def test_loader_resumes_exactly_and_never_touches_the_global_rng(workers: int) -
     torch.set_rng_state(rng)
     tail, _, _ = draw(loader, 4)
     assert head + tail == ref
+
+
+def test_loader_resumes_exactly_and_never_touches_the_global_rng() -> None:
+    check_loader_resumes_exactly(0)
+
+
+def test_loader_with_worker_processes_resumes_exactly() -> None:
+    # In a fresh process: forking DataLoader workers from a pytest worker that has imported
+    # jax (keras imports it) risks a deadlock.
+    root = Path(__file__).resolve().parents[1]
+    code = "from tests.test_torch_data import check_loader_resumes_exactly as c; c(2); print('ok')"
+    env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 def test_loader_rejects_arguments_it_sets() -> None:
