@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit e2e bench clean
+.PHONY: demo test lint typecheck unit e2e bench bench-quick clean
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(PY) -m pytest -n 2 -q tests
 
+# Speed, memory and scale figures (docs/performance.md): about 6-9 minutes on 2 cores.
 bench: $(STAMP)
-	$(PY) benchmarks/save_load.py
+	$(PY) benchmarks/run_all.py
+
+# The same scripts at small sizes with few repetitions: a smoke run of about 2 minutes.
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -3,250 +3,97 @@
 Builds an AdamW training state (a stack of ``nn.Linear`` layers after one optimizer step:
 parameters, ``exp_avg`` and ``exp_avg_sq`` in fp32) and times, in the same run:
 
-saves (all durable: the file and its directory are fsynced)
-    raw write      every tensor's bytes into one file with ``os.write``, then fsync
-    safetensors    ``safetensors.torch.save_file`` of the flattened tensors, then fsync
-    torch.save     ``torch.save({"model": sd, "optimizer": opt_sd})``, then fsync
-    runstate.save  ``runstate.save(dir, {"model": model, "optimizer": opt}, step=1)``
+saves (all durable: the file(s) and their directory are fsynced)
+    raw write        every tensor's bytes into one file with ``os.write``, then fsync (the limit)
+    safetensors      ``safetensors.torch.save_file`` of the flattened tensors, then fsync
+    torch.save       ``torch.save({"model": sd, "optimizer": opt_sd})``, then fsync
+    DCP save         ``torch.distributed.checkpoint.save`` of ``get_state_dict(model, opt)``
+                     (single process; its FileSystemWriter fsyncs every file, the directory
+                     is fsynced after it)
+    runstate.save    ``runstate.save(dir, {"model": model, "optimizer": opt}, step=1)``
+    runstate async   ``CheckpointManager(async_save=True).save(...)``: the time ``save()``
+                     blocks (and of it, the snapshot: ``mgr.last_blocking_seconds``), and the
+                     total until ``mgr.wait()`` returns; the manager is warm (its snapshot
+                     buffers exist) except in the "first save" row
+
+the async reference (in memory, no I/O)
+    clone            ``[t.clone() for t in tensors]``: a fresh copy of every tensor
+    copy_ into buffers  ``b.copy_(t)`` into buffers allocated once (what a warm snapshot does)
 
 loads (cold page cache when ``/proc/sys/vm/drop_caches`` is writable, and warm)
-    raw read       the raw file read back into fresh buffers (the reference)
-    raw read live  the raw file read straight into the live tensors (the in-place bound)
-    safetensors    ``safetensors.torch.load_file``: lazy mmap (default) and backend="pread"
-    torch.load     ``torch.load(weights_only=True)``
-    torch.load+lsd the same, then ``load_state_dict`` into a second model and optimizer
-    runstate.load  ``runstate.load(dir, {"model": model2, "optimizer": opt2})`` (in place)
+    raw read         the raw file read back into fresh buffers (the limit)
+    raw read live    the raw file read straight into the live tensors (the in-place bound)
+    safetensors      ``safetensors.torch.load_file``: lazy mmap (default) and backend="pread"
+    torch.load       ``torch.load(weights_only=True)``, alone and + ``load_state_dict``
+    DCP load         ``torch.distributed.checkpoint.load`` in place + ``set_state_dict``
+    runstate.load    in place into a second model and optimizer; and without a state (tree)
 
 Every figure is the median of ``--reps`` runs (the best is shown too), as seconds, GB/s of
-state bytes and a ratio against the raw write (saves) or raw read (loads) of the same run:
-``x raw`` is time / raw time, so 1.00 means as fast as the raw I/O and 2.00 twice as slow.
-``peak RSS`` is how far the process's resident memory rose above where it was when the
-operation started (VmHWM, reset through /proc/self/clear_refs), from one extra untimed run
-of each operation at the end with glibc set to map every big buffer freshly.
+state bytes and ``vs raw``: the speed as a fraction of the raw write (saves) or raw read
+(loads) of the same run, i.e. raw time / time (1.00 = as fast as raw, 0.50 = twice as slow).
+The async rows are also compared with the clone: clone time / time. ``peak RSS`` is how far
+the process's resident memory rose above where it was when the operation started (VmHWM,
+reset through /proc/self/clear_refs), from one extra untimed run of each operation at the
+end with glibc set to map every big buffer freshly.
 
-    python benchmarks/save_load.py            # ~0.75 GiB state, about 1-2 minutes
+    python benchmarks/save_load.py            # ~0.75 GiB state, about 2-3 minutes
     python benchmarks/save_load.py --quick    # ~0.1 GiB state, CI smoke run
-    python benchmarks/save_load.py --gib 2 --reps 5 --dir /mnt/nvme/tmp
+    python benchmarks/save_load.py --gib 2 --reps 5 --dir /mnt/nvme/tmp --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import ctypes.util
 import gc
 import inspect
-import math
 import os
-import platform
-import shutil
-import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import warnings
 from typing import Any
 
-import numpy as np
-import safetensors
 import torch
+import torch.distributed.checkpoint as dcp
+from common import (
+    GIB,
+    MIB,
+    N_LAYERS,
+    Op,
+    build_state,
+    drop_caches,
+    flat_tensors,
+    fresh_copy,
+    fsync_dir,
+    fsync_path,
+    machine,
+    malloc_trim,
+    measure_peak_rss,
+    op_record,
+    pin_malloc_mmap_threshold,
+    print_machine,
+    print_table,
+    raw_read,
+    raw_read_into,
+    raw_write,
+    remove,
+    reset_peak_rss,
+    run_loads,
+    run_saves,
+    runstate,
+    same_state,
+    scratch_dir,
+    status_kib,
+    write_json,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-try:
-    import runstate
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
-    import runstate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIB = 1024**3
-MIB = 1024**2
-N_LAYERS = 8
-
-
-# --------------------------------------------------------------------------- system helpers
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def drop_caches() -> str | None:
-    """Empty the page cache; return None on success or why it failed."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc.strerror or exc}"
-    return None
-
-
-def _status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_kib("VmHWM") is not None
-
-
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    if not name or platform.system() != "Linux":
-        return None
-    try:
-        return ctypes.CDLL(name)
-    except OSError:
-        return None
-
-
-def malloc_trim() -> None:
-    """Give glibc's free heap memory back to the OS, so reusing it shows up in RSS again."""
-    libc = _libc()
-    with contextlib.suppress(AttributeError):
-        if libc is not None:
-            libc.malloc_trim(0)
-
-
-def pin_malloc_mmap_threshold() -> None:
-    """Make glibc map (and on free, unmap) every buffer of 1 MiB or more.
-
-    By default glibc raises its mmap threshold after big frees and then serves a later
-    operation's buffers from heap memory that is already resident, hiding them from VmHWM.
-    Used only for the final, untimed peak-RSS pass: fresh pages on every allocation make
-    timings much noisier (page faults, and on VMs the hypervisor re-backing freed memory).
-    """
-    libc = _libc()
-    with contextlib.suppress(AttributeError):
-        if libc is not None:
-            m_mmap_threshold = -3
-            libc.mallopt(m_mmap_threshold, MIB)
-
-
-def filesystem_of(path: str) -> str:
-    """``device type`` of the mount holding ``path`` (best effort, Linux)."""
-    path = os.path.realpath(path)
-    best = ("", "?", "?")
-    with contextlib.suppress(OSError), open("/proc/mounts") as f:
-        for line in f:
-            dev, mnt, fstype = line.split()[:3]
-            mnt = mnt.replace("\\040", " ")
-            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-                best = (mnt, dev, fstype)
-    return f"{best[1]} ({best[2]}, mounted on {best[0]})"
-
-
-# --------------------------------------------------------------------------- the state
-
-
-def build_state(gib: float, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, int]:
-    """A stack of Linear layers + AdamW after one step, whose 3 fp32 copies total ~``gib``."""
-    width = max(64, round(math.sqrt(gib * GIB / (3 * 4 * N_LAYERS)) / 64) * 64)
-    torch.manual_seed(seed)
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(N_LAYERS)])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(4, width)
-    model(x).square().mean().backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model, opt, width
-
-
-def fresh_copy(width: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """A model and optimizer of the same structure to restore into, with state of their own."""
-    torch.manual_seed(1)
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(N_LAYERS)])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.randn(4, width)).square().mean().backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model, opt
-
-
-def flat_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {f"model.{k}": v.detach() for k, v in model.state_dict().items()}
-    for pid, buffers in opt.state_dict()["state"].items():
-        for key, value in buffers.items():
-            if isinstance(value, torch.Tensor):
-                out[f"optimizer.state.{pid}.{key}"] = value.detach()
-    return out
-
-
-def byte_view(t: torch.Tensor) -> memoryview:
-    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+# DCP says once per call that it runs without a process group: that is the intent here.
+warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
 
 
 # --------------------------------------------------------------------------- the operations
-
-
-def raw_write(path: str, tensors: list[torch.Tensor]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        for t in tensors:
-            view = byte_view(t)
-            while view.nbytes:
-                n = os.write(fd, view)
-                view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(os.path.dirname(path))
-
-
-def raw_read(path: str, sizes: list[int]) -> list[np.ndarray]:
-    out = []
-    with open(path, "rb", buffering=0) as f:
-        for size in sizes:
-            buf = np.empty(size, dtype=np.uint8)
-            view = memoryview(buf)
-            got = 0
-            while got < size:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise RuntimeError(f"{path}: truncated")
-                got += n
-            out.append(buf)
-    return out
-
-
-def raw_read_into(path: str, live: list[torch.Tensor]) -> None:
-    """The lower bound of an in-place restore: read the bytes straight into the live tensors."""
-    with open(path, "rb", buffering=0) as f:
-        for t in live:
-            view = byte_view(t)
-            while view.nbytes:
-                n = f.readinto(view)
-                if not n:
-                    raise RuntimeError(f"{path}: truncated")
-                view = view[n:]
 
 
 def safetensors_save(path: str, flat: dict[str, torch.Tensor]) -> None:
@@ -270,85 +117,77 @@ def torch_load_into(path: str, model: nn.Module, opt: torch.optim.Optimizer) -> 
     return sd
 
 
-def remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
+def dcp_save(path: str, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """DCP's documented single-process use: FQN-keyed state dicts, FileSystemWriter (sync_files=True)."""
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    fsync_dir(path)  # DCP fsyncs its files but not the directories: same durability as the other rows
+    fsync_dir(os.path.dirname(path))
 
 
-# --------------------------------------------------------------------------- measuring
+def dcp_load_into(path: str, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=path)  # in place, into the tensors of the state dicts
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
-@dataclass
-class Op:
-    name: str
-    run: Callable[[], Any]
-    path: str = ""  # removed before each run of a save
-    seconds: list[float] = field(default_factory=list)
-    peaks: list[int] = field(default_factory=list)
+class AsyncSaver:
+    """A warm ``CheckpointManager(async_save=True)`` saving step 1, 2, 3... of one state.
 
-    def median(self) -> float:
-        return statistics.median(self.seconds)
+    Each call saves and waits; the time ``save()`` blocked and the snapshot part of it are
+    recorded. ``clean()`` (called before each timed run, untimed) removes committed steps so the
+    disk holds one checkpoint at a time and retention never runs inside the timing.
+    """
+
+    def __init__(self, run_dir: str, state: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.state = state
+        self.mgr = runstate.CheckpointManager(run_dir, async_save=True, keep_last=None)
+        self.step = 0
+        self.blocking: list[float] = []
+        self.snapshot: list[float] = []
+
+    def clean(self) -> None:
+        for name in os.listdir(self.run_dir) if os.path.isdir(self.run_dir) else []:
+            if name.startswith("step-"):
+                remove(os.path.join(self.run_dir, name))
+
+    def __call__(self) -> None:
+        self.step += 1
+        t0 = time.perf_counter()
+        self.mgr.save(self.step, self.state, force=True)
+        self.blocking.append(time.perf_counter() - t0)
+        self.snapshot.append(self.mgr.last_blocking_seconds)
+        self.mgr.wait()
+
+    def close(self) -> None:
+        self.mgr.close()
+        self.clean()
 
 
-def measure(op: Op, *, cold: bool) -> None:
+def first_async_save(run_dir: str, state: dict[str, Any]) -> tuple[float, float, float]:
+    """A fresh manager's first async save (its snapshot buffers are allocated): blocking, snapshot, total."""
+    with runstate.CheckpointManager(run_dir, async_save=True, keep_last=None) as mgr:
+        t0 = time.perf_counter()
+        mgr.save(1, state, force=True)
+        blocking = time.perf_counter() - t0
+        mgr.wait()
+        total = time.perf_counter() - t0
+        snapshot = mgr.last_blocking_seconds
+    remove(run_dir)
+    return blocking, snapshot, total
+
+
+def peak_of(run: Any) -> int:
+    """Bytes resident memory rose above its level at the start of ``run()``."""
     gc.collect()
-    os.sync()  # no writeback of an earlier operation overlaps this one
-    if cold:
-        drop_caches()
-    t0 = time.perf_counter()
-    result = op.run()
-    dt = time.perf_counter() - t0
-    del result
-    op.seconds.append(dt)
-
-
-def measure_peak_rss(ops: list[Op]) -> None:
-    """Run each operation once more, untimed, and record how far resident memory rose."""
-    for op in ops:
-        if op.path:
-            remove(op.path)
-        gc.collect()
-        malloc_trim()
-        if not reset_peak_rss():
-            return
-        rss0 = _status_kib("VmRSS") or 0
-        result = op.run()
-        op.peaks.append(max(0, (_status_kib("VmHWM") or 0) - rss0) * 1024)
-        del result
-
-
-def run_saves(ops: list[Op], reps: int) -> None:
-    for _ in range(reps):  # round-robin, so slow drift of the disk hits every row alike
-        for op in ops:
-            remove(op.path)
-            measure(op, cold=False)
-
-
-def run_loads(ops: list[Op], reps: int, *, cold: bool) -> None:
-    if not cold:
-        for op in ops:  # warm the page cache (and the allocator) once
-            op.run()
-    for _ in range(reps):
-        for op in ops:
-            measure(op, cold=cold)
-
-
-def print_table(title: str, ops: list[Op], nbytes: int, ref: Op) -> None:
-    print(f"\n{title}")
-    head = f"  {'':<34}{'median s':>10}{'best s':>10}{'GB/s':>8}{'x raw':>8}"
-    track_rss = any(op.peaks for op in ops)
-    if track_rss:
-        head += f"{'peak RSS':>13}"
-    print(head)
-    for op in ops:
-        med = op.median()
-        rate = nbytes / med / 1e9
-        line = f"  {op.name:<34}{med:>10.3f}{min(op.seconds):>10.3f}{rate:>8.2f}{med / ref.median():>8.2f}"
-        if op.peaks:
-            line += f"{max(op.peaks) / MIB:>+9.0f} MiB"
-        print(line)
+    malloc_trim()
+    if not reset_peak_rss():
+        return -1
+    rss0 = status_kib("VmRSS") or 0
+    run()
+    return max(0, (status_kib("VmHWM") or 0) - rss0) * 1024
 
 
 # --------------------------------------------------------------------------- main
@@ -361,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="measured runs per operation (default 5, --quick 3)")
     parser.add_argument("--dir", default=None, help="scratch directory on the disk to test (default ROOT/.bench-tmp)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-page-cache loads")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     gib = args.gib if args.gib is not None else (0.1 if args.quick else 0.75)
-    args.reps = args.reps if args.reps is not None else (3 if args.quick else 5)
-    if gib <= 0 or args.reps < 1:
+    reps = args.reps if args.reps is not None else (3 if args.quick else 5)
+    if gib <= 0 or reps < 1:
         parser.error("--gib and --reps must be positive")
     started = time.perf_counter()
 
@@ -379,48 +219,64 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()  # the many objects torch created at import: later gc.collect() calls need not scan them
 
-    base = os.path.abspath(args.dir or os.path.join(ROOT, ".bench-tmp"))
-    created_base = not os.path.exists(base)
-    os.makedirs(base, exist_ok=True)
-    free = shutil.disk_usage(base).free
-    if free < 6 * nbytes:
-        print(f"error: {base} has {free / GIB:.1f} GiB free, the benchmark needs ~{6 * nbytes / GIB:.1f}")
-        return 1
-    work = tempfile.mkdtemp(prefix="save_load-", dir=base)
-    cold_reason = "disabled by --no-cold" if args.no_cold else drop_caches()
-    track_rss = reset_peak_rss()
-
-    print(
-        f"runstate {runstate.__version__} benchmark: {nbytes / GIB:.3f} GiB of state "
-        f"({N_LAYERS} x nn.Linear({width}, {width}) + AdamW after 1 step: {n_params / 1e6:.1f}M params, "
-        f"{len(tensors)} tensors)"
-    )
-    print(
-        f"python {platform.python_version()}, torch {torch.__version__}, safetensors {safetensors.__version__}, "
-        f"numpy {np.__version__}; {os.cpu_count()} CPUs, {args.reps} reps (median; best also shown)"
-    )
-    print(f"scratch: {work} on {filesystem_of(work)}")
-    try:
+    with scratch_dir(args.dir, 8 * nbytes, "save_load-") as work:
+        cold_reason = "disabled by --no-cold" if args.no_cold else drop_caches()
+        track_rss = reset_peak_rss()
+        print(
+            f"save_load: {nbytes / GIB:.3f} GiB of state ({N_LAYERS} x nn.Linear({width}, {width}) + AdamW after "
+            f"1 step: {n_params / 1e6:.1f}M params, {len(tensors)} tensors); {reps} reps, median (best also shown)"
+        )
+        print_machine(work)
         p_raw = os.path.join(work, "raw.bin")
         p_st = os.path.join(work, "state.safetensors")
         p_pt = os.path.join(work, "state.pt")
+        p_dcp = os.path.join(work, "dcp-ckpt")
         p_rs = os.path.join(work, "runstate-ckpt")
+        state = {"model": model, "optimizer": opt}
+        saver = AsyncSaver(os.path.join(work, "async-run"), state)
+        first = first_async_save(os.path.join(work, "async-first"), state)
+        saver()  # warm: the manager's snapshot buffers now exist
+        saver.blocking.clear()
+        saver.snapshot.clear()
+        buffers = [torch.empty_like(t) for t in tensors]
 
+        def copy_into_buffers() -> None:
+            for b, t in zip(buffers, tensors):
+                b.copy_(t)
+
+        async_total = Op("runstate async: save() to wait()", saver, clear=saver.clean)
+        clone = Op("clone: [t.clone() for t in tensors]", lambda: [t.clone() for t in tensors])
+        copy_op = Op("copy_ into buffers allocated once", copy_into_buffers)
         saves = [
             Op("raw write (os.write+fsync)", lambda: raw_write(p_raw, tensors), p_raw),
             Op("safetensors save_file+fsync", lambda: safetensors_save(p_st, flat), p_st),
             Op("torch.save+fsync", lambda: torch_save(p_pt, model, opt), p_pt),
-            Op("runstate.save", lambda: runstate.save(p_rs, {"model": model, "optimizer": opt}, step=1), p_rs),
+            Op("torch.distributed.checkpoint.save", lambda: dcp_save(p_dcp, model, opt), p_dcp),
+            Op("runstate.save (sync)", lambda: runstate.save(p_rs, state, step=1), p_rs),
+            async_total,
         ]
-        run_saves(saves, args.reps)
+        run_saves([*saves, clone, copy_op], reps)  # round-robin: saves and in-memory copies interleaved
+        async_block = Op("runstate async: save() blocks", lambda: None)
+        async_block.seconds = list(saver.blocking)
+        async_snap = Op("  of which snapshot (last_blocking_s)", lambda: None)
+        async_snap.seconds = list(saver.snapshot)
+        first_ops = []
+        for label, value in zip(("first async save(): blocks", "  of which snapshot", "  save() to wait()"), first):
+            op = Op(label, lambda: None, note="(1 run, fresh manager)")
+            op.seconds = [value]
+            first_ops.append(op)
 
-        # sanity: runstate restores exactly what was saved
+        # sanity: runstate and DCP restore exactly what was saved
         runstate.load(p_rs, {"model": model2, "optimizer": opt2})
-        restored = flat_tensors(model2, opt2)
-        if restored.keys() != flat.keys() or not all(torch.equal(restored[k], v) for k, v in flat.items()):
+        if not same_state(flat_tensors(model2, opt2), flat):
             print("error: runstate.load did not restore the saved state")
             return 1
-        del restored
+        model3, opt3 = fresh_copy(width)
+        dcp_load_into(p_dcp, model3, opt3)
+        if not same_state(flat_tensors(model3, opt3), flat):
+            print("error: torch.distributed.checkpoint.load did not restore the saved state")
+            return 1
+        del model3, opt3
 
         def loads() -> list[Op]:
             ops = [
@@ -432,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                 Op("safetensors load_file (lazy mmap)", lambda: load_file(p_st)),
                 Op("torch.load(weights_only)", lambda: torch.load(p_pt, weights_only=True)),
                 Op("torch.load+load_state_dict", lambda: torch_load_into(p_pt, model2, opt2)),
+                Op("torch.distributed.checkpoint.load", lambda: dcp_load_into(p_dcp, model2, opt2)),
+                Op("runstate.load (tree, no state)", lambda: runstate.load(p_rs)),
                 Op("runstate.load (in place)", lambda: runstate.load(p_rs, {"model": model2, "optimizer": opt2})),
             ]
             if "backend" in inspect.signature(load_file).parameters:  # safetensors >= 0.8
@@ -441,36 +299,58 @@ def main(argv: list[str] | None = None) -> int:
         cold_loads: list[Op] = []
         if cold_reason is None:
             cold_loads = loads()
-            run_loads(cold_loads, args.reps, cold=True)
+            run_loads(cold_loads, reps, cold=True)
         warm_loads = loads()
-        run_loads(warm_loads, args.reps, cold=False)
+        run_loads(warm_loads, reps, cold=False)
+
         if track_rss:  # last: it changes malloc settings for the rest of the process
             pin_malloc_mmap_threshold()
             measure_peak_rss(saves)
+            first_ops[-1].peaks.append(peak_of(lambda: first_async_save(os.path.join(work, "async-first"), state)))
+            measure_peak_rss([clone])
             measure_peak_rss(warm_loads)
+        saver.close()
 
-        print_table("SAVE (durable: file + directory fsynced)", saves, nbytes, saves[0])
+        raw = saves[0]
+        print_table("SAVE (durable: files + directory fsynced)", [*saves, async_block, async_snap], nbytes, raw)
+        print_table(
+            "ASYNC SAVE vs in-memory copies of the state (no I/O)",
+            [clone, copy_op, async_block, async_snap, *first_ops],
+            nbytes,
+            clone,
+            ref_label="vs clone",
+        )
         if cold_loads:
-            title = "LOAD, cold page cache (sync; drop_caches before each)"
-            print_table(title, cold_loads, nbytes, cold_loads[0])
+            print_table("LOAD, cold page cache (drop_caches before each)", cold_loads, nbytes, cold_loads[0])
         else:
             print(f"\nLOAD, cold page cache: skipped, cannot drop the page cache ({cold_reason}); warm figures only")
         print_table("LOAD, warm page cache", warm_loads, nbytes, warm_loads[0])
         print(
-            "\nx raw = median time / median time of the raw write (saves) or raw read (loads) in this run."
-            "\npeak RSS = highest resident memory during the operation minus resident memory at its start"
-            "\n  (one extra untimed run per operation, warm cache, every buffer >= 1 MiB freshly mapped);"
-            "\n  lazy mmap = safetensors' default backend: tensors map the file and no byte is read until used.\n"
-            "  raw read into live tensors = readinto() the storage of the live model/optimizer (the in-place bound)."
+            f"\nvs raw = raw time / time in this run (1.00 = as fast as the raw write or read); vs clone likewise."
+            f"\npeak RSS = highest resident memory during the operation minus resident memory at its start"
+            f"\n  (one extra untimed run per operation, warm cache, every buffer >= 1 MiB freshly mapped; state "
+            f"= {nbytes / MIB:.0f} MiB);"
+            "\n  the async row is a warm manager (buffers reused); the first-save row allocates its buffers."
+            "\nlazy mmap = safetensors' default: tensors map the file and no byte is read until used."
         )
         if not track_rss:
             print("  (peak RSS not shown: /proc/self/clear_refs is not available)")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if created_base:
-            with contextlib.suppress(OSError):
-                os.rmdir(base)
-    print(f"total benchmark time {time.perf_counter() - started:.1f} s")
+        write_json(
+            args.json,
+            {
+                "benchmark": "save_load",
+                "machine": machine(),
+                "nbytes": nbytes,
+                "tensors": len(tensors),
+                "reps": reps,
+                "cold": cold_reason is None,
+                "save": {op.name: op_record(op, nbytes, raw) for op in [*saves, async_block, async_snap]},
+                "async": {op.name: op_record(op, nbytes, clone) for op in [clone, copy_op, *first_ops]},
+                "load_cold": {op.name: op_record(op, nbytes, cold_loads[0]) for op in cold_loads},
+                "load_warm": {op.name: op_record(op, nbytes, warm_loads[0]) for op in warm_loads},
+            },
+        )
+    print(f"save_load time {time.perf_counter() - started:.1f} s")
     return 0
 
 
