@@ -25,11 +25,11 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(PY) -m pytest -n 2 -q tests
 
-# Speed, memory and scale figures (docs/performance.md): about 6-9 minutes on 2 cores.
+# Speed, memory and scale figures (docs/performance.md): about 5-9 minutes on 2 cores.
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
-# The same scripts at small sizes with few repetitions: a smoke run of about 2 minutes.
+# The same scripts at small sizes with few repetitions: a smoke run of about 3-4 minutes.
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick
 

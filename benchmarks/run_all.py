@@ -9,8 +9,8 @@ A fresh process per script keeps one script's memory (and glibc's heap) from the
 peak RSS and timings. The machine's load average is printed before and after: on a shared
 machine, background load moves these figures by tens of percent.
 
-    python benchmarks/run_all.py                   # about 6-9 minutes on 2 cores
-    python benchmarks/run_all.py --quick           # small sizes, 1-3 reps: about 2 minutes
+    python benchmarks/run_all.py                   # about 5-9 minutes on 2 cores
+    python benchmarks/run_all.py --quick           # small sizes, few reps: about 3-4 minutes
     python benchmarks/run_all.py --json all.json   # also keep every figure
 """
 
