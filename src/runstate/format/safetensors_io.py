@@ -32,6 +32,7 @@ __all__ = [
 
 _CHUNK = 64 * 1024 * 1024
 _FADVISE = getattr(os, "posix_fadvise", None)
+_WRITEBACK_EVERY = 8 * 1024 * 1024
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -99,6 +100,7 @@ def write_safetensors(
     written: dict[str, WrittenTensor] = {}
     with open(path, "xb", buffering=0) as f:
         position = f.write(struct.pack("<Q", len(header)) + header) or 0
+        flushed = 0
         offset = 0
         for name, blob in tensors:
             data = blob.read()
@@ -110,9 +112,10 @@ def write_safetensors(
                 while view.nbytes:
                     n = f.write(view) or 0
                     view = view[n:]
-                    if fsync:
-                        _start_writeback(f.fileno(), position, n)
                     position += n
+                    if fsync and position - flushed >= _WRITEBACK_EVERY:  # not per tiny tensor
+                        _start_writeback(f.fileno(), flushed, position - flushed)
+                        flushed = position
             written[name] = WrittenTensor(offset, offset + blob.nbytes, digest)
             offset += blob.nbytes
         if fsync:
