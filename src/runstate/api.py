@@ -14,6 +14,8 @@ from runstate.checkpoint import (
     write_checkpoint,
 )
 from runstate.errors import CheckpointWriteError
+from runstate.group import current_group
+from runstate.parallel import save_together
 from runstate.reader import CheckpointReader
 from runstate.restore import plain, restore_state
 from runstate.storage.local import commit_directory
@@ -55,6 +57,11 @@ def save(
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise CheckpointWriteError(20, f"cannot save to {path}: {parent} is a file, not a directory")
+    group = current_group()
+    if group.distributed:  # every process calls save; rank 0 commits
+        save_together(group, path, state, step=checked_step, metrics=metrics)
+        with CheckpointReader(path) as reader:
+            return reader.info()
     prepared = prepare(state, metrics)
     with commit_directory(path) as tmp:
         info = write_checkpoint(tmp, prepared, step=checked_step)
@@ -95,5 +102,5 @@ def load(
         if state is None:
             return {name: plain(reader.load_item(name)) for name in reader.manifest.items}
         validate_state(state, f"load({path!r})")
-        restore_state(reader, state, strict=strict, rename=rename)
+        restore_state(reader, state, strict=strict, rename=rename, group=current_group())
         return dict(state) if not isinstance(state, dict) else state

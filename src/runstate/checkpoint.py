@@ -23,6 +23,7 @@ import numpy as np
 
 from runstate._version import __version__
 from runstate.adapters import find_codec, object_codecs
+from runstate.distributed import unwrap
 from runstate.errors import (
     UnsupportedTypeError,
 )
@@ -135,6 +136,7 @@ def _versions() -> dict[str, str]:
 def encode_state(state: Mapping[str, Any]) -> dict[str, tuple[dict[str, Any], Encoder]]:
     """Encode every item to ``(tree, encoder)``; raises before any I/O if a value cannot be stored."""
     objects = object_codecs()
+    state = {name: unwrap(value) for name, value in state.items()}
     encoded: dict[str, tuple[dict[str, Any], Encoder]] = {}
     for name, value in state.items():
         enc = Encoder(name, find_codec, objects)

@@ -35,6 +35,8 @@ from runstate.errors import (
     StepExistsError,
 )
 from runstate.format.manifest import MANIFEST_NAME
+from runstate.group import current_group
+from runstate.parallel import save_together
 from runstate.policies import Retention, SaveCadence
 from runstate.reader import CheckpointReader
 from runstate.restore import RestoreReport, restore_state
@@ -76,6 +78,11 @@ class CheckpointManager:
             point-in-time snapshot) and returns; a background thread writes and commits it.
             At most one save is in flight: the next ``save`` waits for it. A background
             failure is raised by the next ``save``, :meth:`wait` or :meth:`close`.
+        group: the processes that save together: None uses the default
+            ``torch.distributed`` process group when one is initialized (create the
+            manager after ``init_process_group``), else this process alone. Every process
+            then calls ``save`` and ``restore`` alike; see :mod:`runstate.distributed`
+            for which process writes what.
 
     Example:
         >>> with runstate.CheckpointManager("runs/exp", save_every_steps=100) as mgr:  # doctest: +SKIP
@@ -98,8 +105,15 @@ class CheckpointManager:
         save_every_seconds: float | None = None,
         save_on_signals: Sequence[int] = (),
         async_save: bool = False,
+        group: Any = None,
     ) -> None:
         self.directory = os.fspath(directory)
+        self._group = current_group(group)
+        if self._group.distributed and async_save:
+            raise CheckpointError(
+                "async_save=True is not supported under torch.distributed yet: every process would write "
+                "from a background thread while training runs collectives; use async_save=False"
+            )
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointWriteError(20, f"{self.directory} is a file; a CheckpointManager needs a directory")
         self.retention = Retention(keep_last, keep_every, keep_best, best_metric, best_mode)
@@ -261,8 +275,20 @@ class CheckpointManager:
         validate_state(state, f"{self!r}.save(step={step})")
         now = time.monotonic()
         signalled = self._signal is not None and not self._preempted
-        if not (force or signalled) and not self.cadence.should_save(step, now - self._last_save):
+        due = force or signalled or self.cadence.should_save(step, now - self._last_save)
+        if self._group.distributed and (self.cadence.every_seconds is not None or self._previous_handlers):
+            # Clocks and signals differ between processes: save when any process wants to.
+            due = bool(self._group.all_max(int(due)))
+            signalled = bool(self._group.all_max(int(signalled)))
+        if not due:
             return False
+        if self._group.distributed:
+            self._save_together(step, state, metrics, verify)
+            self._last_save = now
+            if signalled:
+                self._preempted = True
+                logger.warning("saved step %d after a signal; mgr.preempted is now True", step)
+            return True
         self.wait()  # at most one save in flight; re-raises a failed background save
         prepared = prepare(state, metrics)
         self._lock.acquire()  # no-op once held
@@ -282,6 +308,30 @@ class CheckpointManager:
             self._preempted = True
             logger.warning("saved step %d after signal %d; mgr.preempted is now True", step, self._signal)
         return True
+
+    def _save_together(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None, verify: bool) -> None:
+        """Save from every process of the group (rank 0 commits; see :mod:`runstate.parallel`)."""
+        if verify:
+            raise CheckpointError("save(verify=True) is not supported under torch.distributed yet")
+
+        def start() -> None:  # on rank 0 only
+            self._lock.acquire()
+            for leftover in remove_leftovers(self.directory):
+                logger.info("removed leftover of an interrupted save or deletion: %s", leftover)
+            if os.path.lexists(self.path(step)) and step not in self._corrupt:
+                raise StepExistsError(f"{self.path(step)} already exists; save under a new step or delete it first")
+            self._move_aside_if_corrupt(step)
+
+        started = time.monotonic()
+        save_together(self._group, self.path(step), state, step=step, metrics=metrics, before_start=start)
+        if self._group.rank == 0:
+            logger.info(
+                "saved step %d from %d processes in %.2f s", step, self._group.size, time.monotonic() - started
+            )
+            try:
+                self._apply_retention(step)
+            except CheckpointError as exc:
+                logger.warning("step %d is saved, but removing older checkpoints failed: %s", step, exc)
 
     def _write(self, step: int, prepared: PreparedState, verify: bool) -> None:
         started = time.monotonic()
@@ -397,7 +447,12 @@ class CheckpointManager:
             self._restore_from(self._existing(step), state, strict, rename)
             return step
         skipped: list[str] = []
-        for candidate, path in reversed(list_committed(self.directory).items()):
+        committed = list_committed(self.directory)
+        if self._group.distributed:  # every process tries the same steps, in the same order
+            listed = self._group.broadcast_text(",".join(map(str, committed)))
+            steps = [int(s) for s in listed.split(",") if s]
+            committed = {s: self.path(s) for s in steps}
+        for candidate, path in reversed(committed.items()):
             try:
                 self._restore_from(path, state, strict, rename)
             except CorruptCheckpointError as exc:
@@ -428,7 +483,7 @@ class CheckpointManager:
         except CheckpointNotFoundError as exc:  # a committed directory always has a manifest
             raise CorruptCheckpointError(f"{path}: {MANIFEST_NAME} is missing", file=MANIFEST_NAME) from exc
         with reader:
-            self.last_restore_report = restore_state(reader, state, strict=strict, rename=rename)
+            self.last_restore_report = restore_state(reader, state, strict=strict, rename=rename, group=self._group)
 
 
 def _drop_page_cache(directory: str) -> None:

@@ -15,12 +15,14 @@ import os
 import stat
 from typing import IO, Any
 
+import numpy as np
+
 from runstate.adapters import codec_for_lib, object_codecs
 from runstate.checkpoint import CheckpointInfo
 from runstate.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedTypeError
-from runstate.format.manifest import MANIFEST_NAME, Manifest, TensorEntry
+from runstate.format.manifest import MANIFEST_NAME, ChunkedTensor, Manifest, TensorEntry
 from runstate.format.safetensors_io import checksum, file_metadata, header_bytes, read_header, read_tensor_bytes
-from runstate.format.tensors import NumpyCodec
+from runstate.format.tensors import DTYPE_SIZES, NumpyCodec
 from runstate.format.tree import Decoder
 
 __all__ = ["MAX_MANIFEST_BYTES", "CheckpointReader"]
@@ -96,6 +98,9 @@ class CheckpointReader:
         self.manifest_nbytes = len(raw)
         self._files: dict[str, tuple[IO[bytes], int]] = {}
         self._objects = object_codecs(for_loading=True)
+        #: Values already loaded by other means, by ``(item, tensor name)``: sharded tensors
+        #: read into their live placement through torch.distributed.checkpoint.
+        self.preloaded: dict[tuple[str, str], Any] = {}
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -231,7 +236,12 @@ class CheckpointReader:
         return data
 
     def load_tensor(self, item: str, name: str) -> Any:
-        """Read, verify and rebuild one tensor of ``item``."""
+        """Read, verify and rebuild one tensor of ``item`` (a chunked one is assembled whole)."""
+        if (item, name) in self.preloaded:
+            return self.preloaded[item, name]
+        chunked = self.manifest.items[item].chunks.get(name)
+        if chunked is not None:
+            return self._load_chunked(item, name, chunked)
         data = self.read_verified(item, name)
         entry = self.entry(item, name)
         codec = codec_for_lib(entry.lib) or NumpyCodec()
@@ -244,6 +254,24 @@ class CheckpointReader:
                 f"{self.path}/{entry.file}: tensor {name!r} cannot be rebuilt from its index entry ({exc})",
                 file=entry.file,
                 tensor=name,
+            ) from exc
+
+    def _load_chunked(self, item: str, name: str, chunked: ChunkedTensor) -> Any:
+        """Assemble a tensor saved in parts by several processes into one whole tensor."""
+        size = DTYPE_SIZES[chunked.dtype]
+        whole = np.zeros((*chunked.shape, size), dtype=np.uint8)
+        for offsets, part in chunked.parts:
+            entry = self.entry(item, part)
+            block = self.read_verified(item, part).reshape((*entry.shape, size))
+            whole[tuple(slice(o, o + n) for o, n in zip(offsets, entry.shape, strict=True))] = block
+        codec = codec_for_lib(chunked.lib) or NumpyCodec()
+        try:
+            return codec.from_bytes(whole.reshape(-1), chunked.dtype, chunked.shape, chunked.meta)
+        except UnsupportedTypeError:
+            raise
+        except (ValueError, TypeError, RuntimeError, AttributeError) as exc:
+            raise CorruptCheckpointError(
+                f"{self.path}: chunked tensor {name!r} of item {item!r} cannot be rebuilt ({exc})", tensor=name
             ) from exc
 
     def load_item(self, item: str) -> Any:

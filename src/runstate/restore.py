@@ -16,13 +16,16 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from runstate.errors import StateMismatchError
+from runstate.distributed import PerRank, is_per_rank, on_resize, unwrap
+from runstate.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
+from runstate.format.manifest import per_rank_name
 from runstate.format.tree import NamedTupleState, StatefulState, format_path
+from runstate.group import Group, SingleProcess
 from runstate.reader import CheckpointReader
 from runstate.registry import Registration, registry
 from runstate.stateful import is_stateful
 
-__all__ = ["Mismatch", "RestoreReport", "plain", "restore_state"]
+__all__ = ["Mismatch", "PendingRestore", "RestoreReport", "plain", "plan_restore", "restore_state"]
 
 logger = logging.getLogger("runstate")
 
@@ -412,23 +415,109 @@ def _hints(problems: Sequence[Mismatch]) -> list[str]:
     return hints
 
 
-def restore_state(
-    reader: CheckpointReader, state: MutableMapping[str, Any], *, strict: bool, rename: Renames | None = None
-) -> RestoreReport:
-    """Restore ``state`` from ``reader``'s checkpoint (see ``runstate.load``)."""
+@dataclass
+class PendingRestore:
+    """A checked restore, ready to change the live state (phase two)."""
+
+    reader: CheckpointReader
+    state: MutableMapping[str, Any]
+    report: RestoreReport
+    actions: list[tuple[str, Callable[[], Any]]]
+    replacements: dict[str, Any]
+
+    def apply(self) -> RestoreReport:
+        """Change the live objects and values; returns the report."""
+        for where, action in self.actions:
+            try:
+                action()
+            except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+                raise StateMismatchError(f"{self.reader.path}: loading {where} failed: {exc}") from exc
+        for key, value in self.replacements.items():
+            live = self.state[key]
+            if isinstance(live, PerRank):
+                live.value = value
+            elif value is not live:
+                self.state[key] = value
+        return self.report
+
+
+def _stored_names(
+    reader: CheckpointReader, state: Mapping[str, Any], group: Group, plan: _Plan
+) -> tuple[dict[str, str], set[str]]:
+    """Map each live item to the stored item it restores from; also the stored items accounted for.
+
+    A per-rank item restores rank ``r``'s copy when the world size is unchanged; otherwise
+    its ``on_resize`` rule applies.
+    """
+    manifest = reader.manifest
+    saved_world = manifest.ranks.world_size if manifest.ranks is not None else 1
+    saved_per_rank = set(manifest.ranks.per_rank) if manifest.ranks is not None else set()
+    names: dict[str, str] = {}
+    covered: set[str] = set()
+    for key, live in state.items():
+        family = {per_rank_name(key, r) for r in range(saved_world)} if key in saved_per_rank else {key}
+        covered |= family
+        if key not in saved_per_rank and not (is_per_rank(live) and saved_world != group.size):
+            names[key] = key
+        elif saved_world == group.size:
+            names[key] = per_rank_name(key, group.rank)
+        elif on_resize(live) == "skip":
+            logger.warning(
+                "%s: item %r keeps its live value: saved per rank by %d process(es), restored by %d "
+                "(on_resize='skip')",
+                reader.path,
+                key,
+                saved_world,
+                group.size,
+            )
+        else:
+            plan.add(
+                (key,),
+                "world_size",
+                f"per-rank item saved by {saved_world} process(es), restored by {group.size}: wrap it as "
+                "runstate.PerRank(value, on_resize='skip') to keep its live value, or restore with the same "
+                "world size",
+            )
+    return names, covered
+
+
+def plan_restore(
+    reader: CheckpointReader,
+    state: MutableMapping[str, Any],
+    *,
+    strict: bool,
+    rename: Renames | None = None,
+    group: Group | None = None,
+) -> PendingRestore:
+    """Phase one: read, verify and check everything; change nothing.
+
+    Raises:
+        CorruptCheckpointError: a checksum, size or header does not match.
+        StateMismatchError: ``strict`` and the state does not match.
+    """
+    group = group or SingleProcess()
     plan = _Plan(strict=strict, state=state, rename=rename or {})
     stored_items = reader.manifest.items
-    for key in state:
-        if key not in stored_items:
-            plan.add((key,), "missing", f"item missing from the checkpoint (it has {sorted(stored_items)})")
+    names, covered = _stored_names(reader, state, group, plan)
+    for key, stored_key in names.items():
+        if stored_key not in stored_items:
+            listed = sorted(k for k in stored_items if "@rank" not in k)
+            plan.add((key,), "missing", f"item missing from the checkpoint (it has {listed})")
     for key in stored_items:
-        if key not in state:
+        if key not in covered:
             plan.add((key,), "unexpected", "item in the checkpoint but not in the state")
+    if group.distributed:
+        from runstate.adapters.torch_dist import preload_sharded
+
+        for key, stored_key in names.items():  # collective: the same order on every process
+            if stored_key in stored_items:
+                for name, value in preload_sharded(reader, key, stored_key, unwrap(state[key]), group).items():
+                    reader.preloaded[stored_key, name] = value
     replacements: dict[str, Any] = {}
-    for key in state:
-        if key in stored_items:
-            stored = _apply_renames(key, reader.load_item(key), plan)
-            replacements[key] = _restore_item(state[key], stored, (key,), plan)
+    for key, stored_key in names.items():
+        if stored_key in stored_items:
+            stored = _apply_renames(key, reader.load_item(stored_key), plan)
+            replacements[key] = _restore_item(unwrap(state[key]), stored, (key,), plan)
     report = RestoreReport(reader.path, tuple(plan.problems), dict(plan.renamed), tuple(_hints(plan.problems)))
     if plan.problems:
         if strict:
@@ -439,12 +528,41 @@ def restore_state(
             err.report = report
             raise err
         logger.warning("%s: restoring only what matches; %d problems:\n  %s", reader.path, len(plan.problems), report)
-    for where, action in plan.actions:
-        try:
-            action()
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise StateMismatchError(f"{reader.path}: loading {where} failed: {exc}") from exc
-    for key, value in replacements.items():
-        if value is not state[key]:
-            state[key] = value
-    return report
+    return PendingRestore(reader, state, report, plan.actions, replacements)
+
+
+def restore_state(
+    reader: CheckpointReader,
+    state: MutableMapping[str, Any],
+    *,
+    strict: bool,
+    rename: Renames | None = None,
+    group: Group | None = None,
+) -> RestoreReport:
+    """Restore ``state`` from ``reader``'s checkpoint (see ``runstate.load``).
+
+    With several processes, every one checks its part first; the state changes only when
+    all of them succeeded, and otherwise every process raises.
+    """
+    group = group or SingleProcess()
+    if group.size == 1:
+        return plan_restore(reader, state, strict=strict, rename=rename, group=group).apply()
+    status = _OK
+    error_: CheckpointError | None = None
+    try:
+        pending = plan_restore(reader, state, strict=strict, rename=rename, group=group)
+    except CorruptCheckpointError as exc:
+        status, error_ = _CORRUPT, exc
+    except CheckpointError as exc:
+        status, error_ = _FAILED, exc
+    agreed = group.all_min(status)
+    if error_ is not None:
+        raise error_
+    if agreed == _CORRUPT:
+        raise CorruptCheckpointError(f"{reader.path}: another process found this checkpoint damaged (see its log)")
+    if agreed == _FAILED:
+        raise CheckpointError(f"{reader.path}: another process could not restore its part (see its error)")
+    return pending.apply()
+
+
+_FAILED, _CORRUPT, _OK = 0, 1, 2

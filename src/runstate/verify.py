@@ -128,7 +128,7 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         for item, entry in reader.manifest.items.items():
             refs: set[str] = set()
             _tensor_refs(entry.tree, refs)
-            for name in sorted(refs - set(entry.tensors)):
+            for name in sorted(refs - set(entry.tensors) - set(entry.chunks)):
                 problems.append(
                     Problem(MANIFEST_NAME, name, f"item {item!r} refers to a tensor missing from the index")
                 )

@@ -66,6 +66,8 @@ class TorchCodec:
             )
         if t.device.type == "meta":
             raise UnsupportedTypeError(f"{where}: a tensor on the meta device has no data to store")
+        if is_dtensor(t):
+            return _dtensor_blob(t, where)
         meta: dict[str, Any] = {"device": str(t.device)}
         code = _TORCH_TO_CODE.get(t.dtype)
         shape = tuple(int(s) for s in t.shape)
@@ -107,6 +109,39 @@ class TorchCodec:
         if data.size == 0:
             return torch.empty(shape, dtype=tdtype)
         return torch.from_numpy(data).view(tdtype).reshape(shape)
+
+
+def is_dtensor(value: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (checked without importing it)."""
+    return type(value).__name__ == "DTensor" and type(value).__module__.startswith("torch.distributed")
+
+
+def _dtensor_blob(t: Any, where: str) -> TensorBlob:
+    """The blob of this process's block of a DTensor, with where the block lies in the whole.
+
+    ``meta["dtensor"]`` holds the whole shape, the block's offsets and whether this process
+    writes it: of the processes holding the same replicated block, only the one at
+    coordinate 0 along every replicated mesh dimension does.
+    """
+    (chunk,) = t.__create_chunk_list__()  # the block DCP itself would save for this process
+    local = t.to_local()
+    coordinate = t.device_mesh.get_coordinate()
+    owner = coordinate is not None and all(
+        c == 0 for c, p in zip(coordinate, t.placements, strict=True) if not p.is_shard()
+    )
+    if any(p.is_partial() for p in t.placements):
+        raise UnsupportedTypeError(f"{where}: a DTensor with a Partial placement holds no final values; reduce it first")
+    blob = CODEC.to_blob(local, where)
+    if "lib_dtype" in blob.meta:
+        raise UnsupportedTypeError(f"{where}: a sharded {t.dtype} tensor cannot be stored (no safetensors dtype)")
+    blob.meta["dtensor"] = {
+        "shape": [int(s) for s in t.shape],
+        "offsets": [int(o) for o in chunk.offsets],
+        "owner": bool(owner),
+    }
+    blob.identity = None
+    blob.source = t
+    return blob
 
 
 class TorchObjects:

@@ -20,7 +20,18 @@ import xxhash
 from runstate.errors import CorruptCheckpointError, FormatVersionError
 from runstate.format.tensors import DTYPE_SIZES
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "ItemEntry", "Manifest", "TensorEntry"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "ChunkedTensor",
+    "ItemEntry",
+    "Manifest",
+    "RankInfo",
+    "TensorEntry",
+    "item_from_json",
+    "per_rank_name",
+]
 
 FORMAT_NAME = "runstate"
 FORMAT_VERSION = 1
@@ -89,16 +100,124 @@ class TensorEntry:
 
 
 @dataclass(frozen=True)
+class ChunkedTensor:
+    """A tensor saved in pieces by several processes (a sharded ``DTensor``).
+
+    Each part is an ordinary entry of the item's ``tensors`` index holding the block that
+    starts at ``offsets`` of the whole tensor; together the parts cover it exactly once.
+
+    Attributes:
+        dtype: safetensors dtype code of every part.
+        shape: the shape of the whole tensor.
+        lib: the codec that rebuilds it.
+        parts: ``(offsets, tensor name)`` per part.
+        meta: extra fields copied from the parts (``device``...).
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    lib: str
+    parts: tuple[tuple[tuple[int, ...], str], ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "lib": self.lib,
+            "parts": [{"offsets": list(o), "tensor": t} for o, t in self.parts],
+            **self.meta,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], tensors: dict[str, TensorEntry]) -> ChunkedTensor:
+        """Parse one chunked entry; every part must be an index entry of the right place and size.
+
+        Raises:
+            ValueError: a part is unknown, outside the tensor, of another dtype, or the
+                parts do not cover the tensor exactly once.
+        """
+        meta = {k: v for k, v in obj.items() if k not in ("dtype", "shape", "lib", "parts")}
+        shape = tuple(_count(s) for s in obj["shape"])
+        parts = []
+        for part in obj["parts"]:
+            offsets = tuple(_count(o) for o in part["offsets"])
+            parts.append((offsets, _str(part["tensor"])))
+        chunked = cls(_str(obj["dtype"]), shape, _str(obj["lib"]), tuple(parts), meta)
+        if chunked.dtype not in DTYPE_SIZES:
+            raise ValueError(f"unknown dtype {chunked.dtype!r}")
+        total = 0
+        for offsets, name in chunked.parts:
+            entry = tensors.get(name)
+            if entry is None:
+                raise ValueError(f"part {name!r} is not in the tensor index")
+            if entry.dtype != chunked.dtype or len(entry.shape) != len(shape) or len(offsets) != len(shape):
+                raise ValueError(f"part {name!r} does not have the dtype and rank of its tensor")
+            if any(o + s > d for o, s, d in zip(offsets, entry.shape, shape, strict=True)):
+                raise ValueError(f"part {name!r} at {list(offsets)} lies outside shape {list(shape)}")
+            total += math.prod(entry.shape)
+        if total != math.prod(shape) or not _disjoint(chunked.parts, tensors):
+            raise ValueError(f"the parts of a {list(shape)} tensor do not cover it exactly once")
+        return chunked
+
+
+def _disjoint(parts: tuple[tuple[tuple[int, ...], str], ...], tensors: dict[str, TensorEntry]) -> bool:
+    """True when no two non-empty parts overlap (with the volume check: they tile the tensor).
+
+    A sweep along the first dimension: each part is compared only with the parts still
+    open there, so the usual one-dimensional shardings cost O(n log n).
+    """
+    boxes = sorted((o, tensors[name].shape) for o, name in parts if math.prod(tensors[name].shape))
+    if not boxes or not boxes[0][0]:
+        return len(boxes) <= 1  # scalars: at most one part
+    open_boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for off, shape in boxes:
+        open_boxes = [(o, s) for o, s in open_boxes if o[0] + s[0] > off[0]]
+        for o, s in open_boxes:
+            if all(a < b + bs and b < a + as_ for a, as_, b, bs in zip(off, shape, o, s, strict=True)):
+                return False
+        open_boxes.append((off, shape))
+    return True
+
+
+@dataclass(frozen=True)
 class ItemEntry:
-    """One top-level item of the state: its typed tree and its tensors."""
+    """One top-level item of the state: its typed tree and its tensors.
+
+    ``chunks`` holds the tensors saved in parts by several processes; a tree's tensor node
+    names either an entry of ``tensors`` or one of ``chunks``.
+    """
 
     tree: dict[str, Any]
     tensors: dict[str, TensorEntry]
+    chunks: dict[str, ChunkedTensor] = field(default_factory=dict)
 
     @property
     def files(self) -> list[str]:
         """The files holding this item's tensors, in order of first use."""
         return list(dict.fromkeys(e.file for e in self.tensors.values()))
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """How a checkpoint written by several processes is laid out.
+
+    Attributes:
+        world_size: the number of processes that wrote it.
+        per_rank: items saved once per process; rank ``r``'s copy of item ``x`` is stored
+            as item ``x@rank<r>``.
+    """
+
+    world_size: int
+    per_rank: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "per_rank": list(self.per_rank)}
+
+
+def per_rank_name(item: str, rank: int) -> str:
+    """The stored name of rank ``rank``'s copy of a per-rank item."""
+    return f"{item}@rank{rank}"
 
 
 @dataclass(frozen=True)
@@ -112,6 +231,7 @@ class Manifest:
     items: dict[str, ItemEntry]
     files: dict[str, int]
     format_version: int = FORMAT_VERSION
+    ranks: RankInfo | None = None
 
     @property
     def nbytes(self) -> int:
@@ -131,11 +251,14 @@ class Manifest:
                 name: {
                     "tree": item.tree,
                     "tensors": {k: e.to_json() for k, e in item.tensors.items()},
+                    **({"chunks": {k: c.to_json() for k, c in item.chunks.items()}} if item.chunks else {}),
                 }
                 for name, item in self.items.items()
             },
             "files": {name: {"nbytes": n} for name, n in self.files.items()},
         }
+        if self.ranks is not None:
+            body["ranks"] = self.ranks.to_json()
         body["checksum"] = _canonical_checksum(body)
         return json.dumps(body, ensure_ascii=True, allow_nan=False).encode("ascii") + b"\n"
 
@@ -181,13 +304,13 @@ class Manifest:
             step = body["step"]
             if step is not None and type(step) is not int:
                 raise TypeError("step is not an integer")
-            items = {
-                str(name): ItemEntry(
-                    tree=item["tree"],
-                    tensors={str(k): TensorEntry.from_json(e) for k, e in item["tensors"].items()},
-                )
-                for name, item in body["items"].items()
-            }
+            items = {str(name): item_from_json(item) for name, item in body["items"].items()}
+            ranks = None
+            if "ranks" in body:
+                r = body["ranks"]
+                ranks = RankInfo(_count(r["world_size"]), tuple(_str(x) for x in r["per_rank"]))
+                if ranks.world_size < 1:
+                    raise ValueError("ranks.world_size must be at least 1")
             files = {_str(k): _count(v["nbytes"]) for k, v in body["files"].items()}
             for name in files:
                 if not _is_plain_file_name(name):
@@ -209,9 +332,18 @@ class Manifest:
                 items=items,
                 files=files,
                 format_version=version,
+                ranks=ranks,
             )
         except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
             raise CorruptCheckpointError(f"{path}: malformed manifest field ({exc!r})", file=MANIFEST_NAME) from exc
+
+
+def item_from_json(item: dict[str, Any]) -> ItemEntry:
+    tensors = {str(k): TensorEntry.from_json(e) for k, e in item["tensors"].items()}
+    chunks = {str(k): ChunkedTensor.from_json(c, tensors) for k, c in item.get("chunks", {}).items()}
+    if set(chunks) & set(tensors):
+        raise ValueError(f"names {sorted(set(chunks) & set(tensors))[:3]} are both tensors and chunked tensors")
+    return ItemEntry(tree=item["tree"], tensors=tensors, chunks=chunks)
 
 
 def _str(value: Any) -> str:

@@ -127,6 +127,8 @@ class TensorBlob:
         read: returns the contiguous little-endian bytes; called once, at write time.
         meta: extra fields for the manifest's tensor index (``device``, ``lib_dtype``...).
         identity: equal for two values that are the same tensor (tied weights); stored once.
+        source: the live value, kept only where a writer needs more than its bytes (a
+            sharded tensor's placement); None otherwise.
     """
 
     dtype: str
@@ -136,6 +138,7 @@ class TensorBlob:
     read: Callable[[], memoryview]
     meta: dict[str, Any] = field(default_factory=dict)
     identity: Hashable | None = None
+    source: Any = None
 
 
 class TensorCodec(Protocol):

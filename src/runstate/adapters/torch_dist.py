@@ -1,0 +1,227 @@
+"""torch.distributed support: the process group as a :class:`~runstate.group.Group`, and
+sharded tensors (``DTensor``, as FSDP2's ``fully_shard`` makes them) read back through
+``torch.distributed.checkpoint``.
+
+Saving needs nothing from DCP's storage layer: every process writes its own block of each
+``DTensor`` (the block DCP's ``__create_chunk_list__`` names) into runstate's safetensors
+files, and the manifest lists the blocks. Restoring into ``DTensor`` s of any placement and
+any world size is DCP's load planning (resharding) over :class:`ChunkReader`, a DCP
+``StorageReader`` that serves the manifest's blocks, checksum-verified, from runstate's
+files. DCP's own file format (whose metadata is a pickle) is never used.
+
+Imported only when a DTensor or an initialized process group is met.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from runstate.adapters import find_codec, object_codecs
+from runstate.adapters.torch import _CODE_TO_TORCH
+from runstate.errors import CheckpointError, CorruptCheckpointError
+from runstate.format.tree import Encoder
+
+__all__ = ["ChunkReader", "TorchGroup", "preload_sharded"]
+
+
+class TorchGroup:
+    """A :class:`~runstate.group.Group` over a ``torch.distributed`` process group.
+
+    Args:
+        process_group: the group (None: the default one).
+    """
+
+    distributed = True
+
+    def __init__(self, process_group: Any = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise CheckpointError(
+                "torch.distributed is not initialized; call torch.distributed.init_process_group first"
+            )
+        self.process_group = process_group
+        backend = str(dist.get_backend(process_group))
+        self._device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+    @property
+    def rank(self) -> int:
+        return int(dist.get_rank(self.process_group))
+
+    @property
+    def size(self) -> int:
+        return int(dist.get_world_size(self.process_group))
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.process_group)
+
+    def _reduce(self, value: int, op: Any) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self._device)
+        dist.all_reduce(t, op=op, group=self.process_group)
+        return int(t.item())
+
+    def all_min(self, value: int) -> int:
+        return self._reduce(value, dist.ReduceOp.MIN)
+
+    def all_max(self, value: int) -> int:
+        return self._reduce(value, dist.ReduceOp.MAX)
+
+    def broadcast_text(self, text: str, root: int = 0) -> str:
+        src = dist.get_global_rank(self.process_group, root) if self.process_group is not None else root
+        raw = text.encode("utf-8")
+        n = torch.tensor([len(raw)], dtype=torch.int64, device=self._device)
+        dist.broadcast(n, src=src, group=self.process_group)
+        buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=self._device)
+        if self.rank == root:
+            buf.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        dist.broadcast(buf, src=src, group=self.process_group)
+        return bytes(buf.cpu().numpy()).decode("utf-8")
+
+    def __repr__(self) -> str:
+        return f"TorchGroup(rank={self.rank}, size={self.size})"
+
+
+def live_dtensors(item: str, value: Any) -> dict[str, Any]:
+    """The DTensors of a live item, by the tensor names its checkpoint uses."""
+    enc = Encoder(item, find_codec, object_codecs())
+    enc.encode(value)
+    return {name: blob.source for name, blob in enc.blobs.items() if blob.source is not None}
+
+
+class ChunkReader(StorageReader):
+    """A DCP ``StorageReader`` over one item of a runstate checkpoint.
+
+    Its metadata lists, for each requested tensor, the blocks the manifest holds (a tensor
+    saved whole is one block at offset 0), so DCP's planner can fill any placement from
+    them. Every block is read through the checkpoint reader, so its checksum is verified.
+    """
+
+    def __init__(self, reader: Any, item: str, names: list[str]) -> None:
+        super().__init__()
+        self.reader = reader
+        self.item = item
+        self.names = names
+        self._storage: dict[MetadataIndex, str] = {}
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        return None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        entry = self.reader.manifest.items[self.item]
+        md: dict[str, Any] = {}
+        for name in self.names:
+            chunked = entry.chunks.get(name)
+            if chunked is not None:
+                shape, code = chunked.shape, chunked.dtype
+                parts = [(offsets, part, entry.tensors[part].shape) for offsets, part in chunked.parts]
+            else:
+                t = entry.tensors[name]
+                shape, code = t.shape, t.dtype
+                parts = [((0,) * len(shape), name, shape)]
+            chunks = []
+            for offsets, part, part_shape in parts:
+                if math.prod(part_shape) == 0 and math.prod(shape) != 0:
+                    continue
+                chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(part_shape)))
+                self._storage[MetadataIndex(name, torch.Size(offsets))] = part
+            md[name] = TensorStorageMetadata(TensorProperties(dtype=_CODE_TO_TORCH[code]), torch.Size(shape), chunks)
+        return Metadata(state_dict_metadata=md, storage_data=dict(self._storage))
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self._storage = dict(metadata.storage_data)
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        for req in plan.items:
+            part = self._storage[req.storage_index]
+            block = self.reader.load_tensor(self.item, part)
+            for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths, strict=True)):
+                block = block.narrow(dim, start, length)
+            target = planner.resolve_tensor(req).detach()
+            target.copy_(block)
+            planner.commit_tensor(req, target)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
+
+
+def preload_sharded(reader: Any, item: str, stored_item: str, value: Any, group: Any) -> dict[str, Any]:
+    """Read the tensors of ``stored_item`` that are DTensors in the live ``value`` into new
+    DTensors of the live placement (any world size), through DCP's load planning.
+
+    Only tensors the checkpoint has with the same whole shape are read; the others are left
+    to the ordinary restore, which reports them. Collective: every process calls it for the
+    same items in the same order.
+
+    Returns:
+        New DTensors by tensor name; the live ones are not touched.
+    """
+    ok, targets = 1, {}
+    try:
+        entry = reader.manifest.items[stored_item]
+        for name, live in live_dtensors(item, value).items():
+            chunked = entry.chunks.get(name)
+            stored = chunked if chunked is not None else entry.tensors.get(name)
+            if stored is None or tuple(stored.shape) != tuple(live.shape) or stored.dtype not in _CODE_TO_TORCH:
+                continue
+            targets[name] = torch.empty_like(live)
+    except CheckpointError:
+        ok = 0
+    if group.all_min(ok) == 0:
+        raise CorruptCheckpointError(f"{reader.path}: item {stored_item!r} cannot be read on every process")
+    if group.all_max(1 if targets else 0) == 0:
+        return {}
+    _load(reader, stored_item, targets, group)
+    return targets
+
+
+def _load(reader: Any, stored_item: str, targets: Mapping[str, Any], group: Any) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    storage = ChunkReader(reader, stored_item, sorted(targets))
+    try:
+        load(
+            dict(targets),
+            storage_reader=storage,
+            planner=DefaultLoadPlanner(allow_partial_load=True),
+            process_group=getattr(group, "process_group", None),
+        )
+    except CheckpointException as exc:
+        corrupt = [e for failures in exc.failures.values() for e in _causes(failures)]
+        if corrupt:
+            raise CorruptCheckpointError(f"{reader.path}: sharded item {stored_item!r}: {corrupt[0]}") from exc
+        raise CheckpointError(f"{reader.path}: reading sharded item {stored_item!r} failed: {exc}") from exc
+
+
+def _causes(failure: Any) -> list[CorruptCheckpointError]:
+    out = []
+    seen = failure
+    while seen is not None:
+        if isinstance(seen, CorruptCheckpointError):
+            out.append(seen)
+        seen = getattr(seen, "__cause__", None) or getattr(seen, "__context__", None)
+    return out
