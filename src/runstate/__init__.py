@@ -6,6 +6,7 @@ The public API is what ``__all__`` lists. Importing runstate imports no ML frame
 from runstate._version import __version__
 from runstate.api import load, save
 from runstate.checkpoint import CheckpointInfo
+from runstate.distributed import PerRank
 from runstate.errors import (
     AsyncSaveError,
     CheckpointError,
@@ -41,6 +42,7 @@ __all__ = [
     "LockError",
     "Mismatch",
     "ObjectSummary",
+    "PerRank",
     "Problem",
     "Registry",
     "RestoreReport",

@@ -15,6 +15,7 @@ Imported only when a DTensor or an initialized process group is met.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from runstate.adapters import find_codec, object_codecs
-from runstate.adapters.torch import _CODE_TO_TORCH
+from runstate.adapters.torch import _CODE_TO_TORCH, is_dtensor
 from runstate.errors import CheckpointError, CorruptCheckpointError
 from runstate.format.tree import Encoder
 
@@ -188,6 +189,7 @@ def preload_sharded(reader: Any, item: str, stored_item: str, value: Any, group:
             if stored is None or tuple(stored.shape) != tuple(live.shape) or stored.dtype not in _CODE_TO_TORCH:
                 continue
             targets[name] = torch.empty_like(live)
+        targets.update(_fresh_optimizer_targets(entry, value, targets))
     except CheckpointError:
         ok = 0
     if group.all_min(ok) == 0:
@@ -196,6 +198,28 @@ def preload_sharded(reader: Any, item: str, stored_item: str, value: Any, group:
         return {}
     _load(reader, stored_item, targets, group)
     return targets
+
+
+_OPTIMIZER_STATE = re.compile(r"^state\.(\d+)\.([A-Za-z0-9_]+)$")
+
+
+def _fresh_optimizer_targets(entry: Any, value: Any, taken: Mapping[str, Any]) -> dict[str, Any]:
+    """Targets for the state of an optimizer over DTensor parameters that has no state yet
+    (a fresh optimizer in a resumed run): each state tensor shaped like its parameter is read
+    into a DTensor placed like that parameter."""
+    if not isinstance(value, torch.optim.Optimizer):
+        return {}
+    params = [p for group in value.param_groups for p in group["params"]]
+    out = {}
+    for name in [*entry.chunks, *(n for n in entry.tensors if "@" not in n)]:
+        m = _OPTIMIZER_STATE.match(name)
+        if m is None or name in taken or int(m.group(1)) >= len(params):
+            continue
+        param = params[int(m.group(1))]
+        stored = entry.chunks.get(name) or entry.tensors[name]
+        if is_dtensor(param) and tuple(stored.shape) == tuple(param.shape) and stored.dtype in _CODE_TO_TORCH:
+            out[name] = torch.empty_like(param, dtype=_CODE_TO_TORCH[stored.dtype])
+    return out
 
 
 def _load(reader: Any, stored_item: str, targets: Mapping[str, Any], group: Any) -> None:

@@ -1,0 +1,246 @@
+"""Multi-process jobs for tests/test_distributed.py (gloo on CPU, ``torch.multiprocessing``).
+
+Run as ``python tests/dist_job.py SCENARIO WORLD RUN_DIR OUT [options]``; every rank is a
+fresh spawned interpreter. Results are JSON files written by rank 0 (or by every rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import runstate
+
+FEATURES, HIDDEN, CLASSES, BATCH = 12, 32, 4, 8
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def full(t: Any) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, HIDDEN), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(HIDDEN, CLASSES)
+    )
+
+
+class DataPosition:
+    """Each rank's own stream of batches: a generator and a counter (a per-rank item)."""
+
+    def __init__(self, rank: int) -> None:
+        self.gen = torch.Generator().manual_seed(1000 + rank)
+        self.batches = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(BATCH, FEATURES, generator=self.gen)
+        y = torch.randint(0, CLASSES, (BATCH,), generator=self.gen)
+        self.batches += 1
+        return x, y
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "batches": self.batches}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.gen.set_state(sd["gen"])
+        self.batches = int(sd["batches"])
+
+
+def ddp_train(rank: int, world: int, args: argparse.Namespace) -> None:
+    """DDP training with dropout and per-rank data; saves every ``save_every`` steps."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_model())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.7)
+    torch.manual_seed(77 + rank)  # dropout differs per rank
+    state: dict[str, Any] = {"model": model, "optimizer": opt, "scheduler": sched}
+    if args.variant != "weights-only":
+        state["rng"] = runstate.RNG()
+        state["data"] = runstate.PerRank(DataPosition(rank))
+    data = state["data"].value if "data" in state else DataPosition(rank)
+    with runstate.CheckpointManager(args.run_dir, save_every_steps=args.save_every, keep_last=2) as mgr:
+        if args.variant == "weights-only":
+            start = mgr.restore({"model": model}, strict=False) or 0
+        else:
+            start = mgr.restore(state) or 0
+        losses = []
+        for step in range(start, args.steps):
+            x, y = data.next_batch()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if args.kill_rank == rank and step + 1 == args.kill_step and args.kill_when == "before-save":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if args.kill_rank == rank and step + 1 == args.kill_step and args.kill_when == "mid-save":
+                _kill_during_write(rank)
+            mgr.save(step + 1, state)
+    out = {"rank": rank, "start": start, "losses": losses, "params": digest(dict(model.module.state_dict()))}
+    with open(f"{args.out}.rank{rank}.json", "w") as f:
+        json.dump(out, f)
+
+
+def _kill_during_write(rank: int) -> None:
+    """SIGKILL this process inside its next tensor-file write (after some bytes are on disk)."""
+    from runstate.format import safetensors_io
+
+    real = safetensors_io.write_safetensors
+
+    def dying(path: str, *a: Any, **k: Any) -> Any:
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, *a, **k)
+
+    import runstate.parallel
+
+    runstate.parallel.write_safetensors = dying  # type: ignore[assignment]
+
+
+def fsdp_model(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def plain_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = make_model()
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()  # no dropout: every world size computes the same thing
+    for _ in range(steps):
+        x = torch.randn(BATCH, FEATURES, generator=gen)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, str]:
+    tensors = {f"model.{k}": full(v) for k, v in model.state_dict().items()}
+    for idx, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{idx}.{k}"] = full(v)
+    return {"digest": digest(tensors), "n": str(len(tensors))}
+
+
+def sharded(rank: int, world: int, args: argparse.Namespace) -> None:
+    """save: train a few steps (FSDP2 when world > 1 or --fsdp) and save; restore: restore and
+    report the whole state's digest (and continue training: must match uninterrupted)."""
+    model, opt = fsdp_model(world) if args.fsdp else plain_model()
+    state = {"model": model, "optimizer": opt, "rng": runstate.PerRank(runstate.RNG(), on_resize="skip")}
+    if args.action == "save":
+        train_steps(model, opt, 3, seed=5)
+        with runstate.CheckpointManager(args.run_dir) as mgr:
+            mgr.save(3, state)
+        result = full_state(model, opt)
+        train_steps(model, opt, 2, seed=6)
+        result["after"] = full_state(model, opt)["digest"]
+    else:
+        with runstate.CheckpointManager(args.run_dir) as mgr:
+            result = {"step": str(mgr.restore(state))}
+        result.update(full_state(model, opt))
+        train_steps(model, opt, 2, seed=6)
+        result["after"] = full_state(model, opt)["digest"]
+        result["placements"] = str([getattr(p, "placements", None) for p in model.parameters()][:1])
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+
+
+def per_rank_resize(rank: int, world: int, args: argparse.Namespace) -> None:
+    """Restore a checkpoint with per-rank items at another world size: error or skip."""
+    model, opt = plain_model()
+    state: dict[str, Any] = {"model": model, "optimizer": opt, "rng": runstate.RNG()}
+    if args.action == "save":
+        with runstate.CheckpointManager(args.run_dir) as mgr:
+            mgr.save(1, state)
+        return
+    result: dict[str, Any] = {}
+    try:
+        with runstate.CheckpointManager(args.run_dir) as mgr:
+            mgr.restore(state)
+        result["strict"] = "restored"
+    except runstate.StateMismatchError as exc:
+        result["strict"] = str(exc)
+    state["rng"] = runstate.PerRank(runstate.RNG(), on_resize="skip")
+    with runstate.CheckpointManager(args.run_dir) as mgr:
+        result["skip"] = mgr.restore(state)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+
+
+SCENARIOS = {"ddp": ddp_train, "sharded": sharded, "resize": per_rank_resize}
+
+
+def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        SCENARIOS[args.scenario](rank, world, args)
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("scenario", choices=sorted(SCENARIOS))
+    p.add_argument("world", type=int)
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--save-every", type=int, default=5)
+    p.add_argument("--variant", default="full")
+    p.add_argument("--kill-rank", type=int, default=-1)
+    p.add_argument("--kill-step", type=int, default=-1)
+    p.add_argument("--kill-when", default="before-save")
+    p.add_argument("--action", default="save")
+    p.add_argument("--fsdp", action="store_true")
+    args = p.parse_args()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+    torch.set_num_threads(1)
+    if args.world == 1 and not args.fsdp:
+        _single(args)
+        return
+    mp.spawn(_worker, args=(args.world, args), nprocs=args.world, join=True)
+
+
+def _single(args: argparse.Namespace) -> None:
+    """World size 1 without a process group: plain single-process runstate."""
+    SCENARIOS[args.scenario](0, 1, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
