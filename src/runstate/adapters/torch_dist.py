@@ -87,7 +87,7 @@ class TorchGroup:
         n = torch.tensor([len(raw)], dtype=torch.int64, device=self._device)
         dist.broadcast(n, src=src, group=self.process_group)
         buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=self._device)
-        if self.rank == root:
+        if self.rank == root and raw:
             buf.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         dist.broadcast(buf, src=src, group=self.process_group)
         return bytes(buf.cpu().numpy()).decode("utf-8")
