@@ -165,6 +165,9 @@ def test_sharded_checkpoints_are_equal_across_world_sizes(saved_sharded: dict[st
     assert len(chunks["0.weight"]["parts"]) == 2  # one block per rank
     assert {p.name for p in two.iterdir()} >= {"model.rank00000.safetensors", "model.rank00001.safetensors"}
     assert runstate.verify(two).ok
+    contents = runstate.inspect(two)  # the CLI's view: whole tensors, blocks in the index
+    assert contents.items["model"].value["0.weight"].shape == (32, 12)
+    assert "0.weight@16,0" in {t.name for t in contents.items["model"].tensors}
     # without torch.distributed, the blocks are assembled whole (here: as plain tensors)
     a = runstate.load(two)["model"]
     b = runstate.load(d / "run1" / "step-000000000003")["model"]

@@ -208,8 +208,21 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointContents:
     items: dict[str, ItemContents] = {}
     for name, entry in manifest.items.items():
         summaries = {tname: _summary(name, tname, e) for tname, e in entry.tensors.items()}
+        wholes = {
+            tname: TensorSummary(
+                name,
+                tname,
+                c.dtype,
+                c.shape,
+                sum(summaries[part].nbytes for _, part in c.parts),
+                entry.tensors[c.parts[0][1]].file if c.parts else "",
+                c.lib,
+            )
+            for tname, c in entry.chunks.items()
+        }
+        referable = {**summaries, **wholes}
 
-        def tensor(tname: str, item: str = name, known: dict[str, TensorSummary] = summaries) -> TensorSummary:
+        def tensor(tname: str, item: str = name, known: dict[str, TensorSummary] = referable) -> TensorSummary:
             if tname not in known:
                 raise CorruptCheckpointError(
                     f"{path}/{MANIFEST_NAME}: item {item!r} refers to unknown tensor {tname!r}",
