@@ -30,7 +30,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "mkdir": ("os", "mkdir"),  # the temporary directory
     "unlink": ("os", "unlink"),  # inside retention deletions and leftover removal
     "rmdir": ("os", "rmdir"),
-    "delete": ("runstate.manager", "delete_directory"),  # retention
+    "delete": ("runstate.storage.local", "delete_directory"),  # retention
     "write": ("", ""),  # in the middle of a tensor file's bytes: half a buffer written
 }
 MAX_SAVES = 500
