@@ -312,12 +312,16 @@ class FsspecStore(Store):
             if self.exists(name):
                 logger.info("removing leftover of an interrupted save: %s", self.join(name))
                 self.fs.rm(self.path(name), recursive=True)
-            protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-            if "file" in protocols or "local" in protocols:  # real directories must exist
-                self.fs.makedirs(self.path(name), exist_ok=True)
+            self.make_dirs(name)
         except (OSError, ValueError) as exc:
             raise _write_error(exc, "cannot prepare", self.join(name)) from exc
         return FsspecStaging(self, name, can_commit=True)
+
+    def make_dirs(self, name: str = "") -> None:
+        """Create ``name`` as a directory where directories are real (``file://``); no-op on object stores."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        if "file" in protocols or "local" in protocols:
+            self.fs.makedirs(self.path(name), exist_ok=True)
 
     def attach(self, location: str) -> FsspecStaging:
         """Write into the prefix ``location`` that :meth:`begin` started (possibly in another process)."""
@@ -348,6 +352,7 @@ class FsspecStore(Store):
         """Copy every object (``manifest.json`` last), then delete the original."""
         files = sorted(self._scan().get(name, ()), key=lambda f: f == MANIFEST_NAME)
         try:
+            self.make_dirs(new_name)
             for f in files:
                 self.fs.copy(self.path(f"{name}/{f}"), self.path(f"{new_name}/{f}"))
         except Exception as exc:
@@ -430,6 +435,7 @@ class ObjectLock:
             logger.warning("taking over the lock of %s from a writer that is gone (%s)", self._store.location, who)
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "token": self._token}
         try:
+            self._store.make_dirs()
             self._store.fs.pipe_file(self._path, json.dumps(mine).encode())
         except Exception as exc:
             raise _write_error(exc, "cannot write lock object", self._store.join(LOCK_NAME)) from exc
