@@ -118,3 +118,24 @@ def test_fsspec_is_not_imported_for_plain_paths(tmp_path: Path) -> None:
 def test_storage_options_are_refused_for_plain_paths(tmp_path: Path) -> None:
     with pytest.raises(runstate.CheckpointError, match="only apply to URLs"):
         runstate.CheckpointManager(tmp_path, storage_options={"key": "x"})
+
+
+def test_readme_object_storage_example_runs(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (ROOT / "README.md").read_text().split("## Object storage", 1)[1]
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "http://127.0.0.1:9000" in code
+    code = code.replace("http://127.0.0.1:9000", s3_endpoint)
+    _client(s3_endpoint).create_bucket(Bucket="my-bucket")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    weights = {"w": np.zeros(4)}
+
+    def train_step() -> None:
+        weights["w"] += 1
+
+    scope: dict[str, Any] = {"state": {"model": weights}, "train_step": train_step}
+    exec(compile(code, "README.md", "exec"), scope)
+    mgr = runstate.CheckpointManager("s3://my-bucket/runs/exp", storage_options=scope["options"])
+    assert mgr.steps() == [800, 900, 1000]
+    assert np.array_equal(runstate.load(mgr.path(1000), storage_options=scope["options"])["model"]["w"], np.full(4, 1000.0))
