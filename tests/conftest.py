@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -41,3 +46,45 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def stress(request: pytest.FixtureRequest) -> bool:
     """True under ``--stress``: fault-injection and fuzz tests scale their trial counts up."""
     return bool(request.config.getoption("--stress"))
+
+
+# -- a real S3 API on loopback (moto's server mode), for the object-store tests -------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """``http://127.0.0.1:<free port>``: a moto S3 server, one per xdist worker, loopback only."""
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    assert host == "127.0.0.1"
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def s3_options(endpoint: str, block_size: int = 5 * 1024 * 1024) -> dict[str, Any]:
+    """storage_options for s3fs against the moto server: dummy credentials, small upload parts."""
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        "default_block_size": block_size,
+        "skip_instance_cache": True,
+    }
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A new, empty bucket on the moto server."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    client = boto3.client(
+        "s3", endpoint_url=s3_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=name)
+    return name

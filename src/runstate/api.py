@@ -18,6 +18,7 @@ from runstate.group import current_group
 from runstate.parallel import save_together
 from runstate.reader import CheckpointReader
 from runstate.restore import plain, restore_state
+from runstate.storage import is_url, open_store
 from runstate.storage.local import commit_directory
 
 __all__ = ["load", "save"]
@@ -29,16 +30,20 @@ def save(
     *,
     step: int | None = None,
     metrics: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> CheckpointInfo:
     """Save ``state`` as one checkpoint directory at ``path``, atomically.
 
     Args:
-        path: the checkpoint directory to create; it must not exist yet.
+        path: the checkpoint directory to create; it must not exist yet. A URL
+            (``s3://bucket/ckpt``, ``memory://ckpt``) is written with the object-store
+            protocol: tensor files first, ``manifest.json`` last as the commit marker.
         state: named items: objects with ``state_dict()``/``load_state_dict()`` (modules,
             optimizers, schedulers, data loaders, ``runstate.RNG()``...), generators, tensors,
             arrays and plain Python values.
         step: the training step, recorded in the manifest.
         metrics: numbers to record with the checkpoint (e.g. ``{"loss": 0.31}``).
+        storage_options: fsspec options for a URL (credentials, ``client_kwargs``...).
 
     Returns:
         The :class:`CheckpointInfo` of the committed checkpoint.
@@ -54,12 +59,24 @@ def save(
     path = os.fspath(path)
     validate_state(state, f"save({path!r})")
     checked_step = None if step is None else validate_step(step)
+    group = current_group()
+    if is_url(path):
+        parent_url, _, name = path.rstrip("/").rpartition("/")
+        store = open_store(parent_url, storage_options=storage_options)
+        if group.distributed:  # every process calls save; rank 0 commits
+            save_together(group, store, name, state, step=checked_step, metrics=metrics)
+            with CheckpointReader(store.child(name)) as reader:
+                return reader.info()
+        prepared = prepare(state, metrics)
+        with store.begin(name) as staging:
+            return write_checkpoint(staging, prepared, step=checked_step)
+    open_store(path, storage_options=storage_options)  # refuses options with a plain path
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise CheckpointWriteError(20, f"cannot save to {path}: {parent} is a file, not a directory")
-    group = current_group()
-    if group.distributed:  # every process calls save; rank 0 commits
-        save_together(group, path, state, step=checked_step, metrics=metrics)
+    if group.distributed:
+        store = open_store(parent)
+        save_together(group, store, os.path.basename(os.path.abspath(path)), state, step=checked_step, metrics=metrics)
         with CheckpointReader(path) as reader:
             return reader.info()
     prepared = prepare(state, metrics)
@@ -74,6 +91,7 @@ def load(
     *,
     strict: bool = True,
     rename: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     r"""Load a checkpoint directory written by :func:`save` or a ``CheckpointManager``.
 
@@ -87,6 +105,7 @@ def load(
             when False, what matches is restored and the rest is reported in a warning.
         rename: per item, regex substitutions applied to the stored keys before matching,
             e.g. ``{"model": [(r"^module\.", "")]}`` for a checkpoint written under DDP.
+        storage_options: fsspec options for a URL such as ``s3://bucket/run/step-000000000100``.
 
     Returns:
         ``state`` itself after restoring, or the stored tree when ``state`` is None.
@@ -98,7 +117,7 @@ def load(
         FormatVersionError: the checkpoint needs a newer runstate.
     """
     path = os.fspath(path)
-    with CheckpointReader(path) as reader:
+    with CheckpointReader(path, storage_options=storage_options) as reader:
         if state is None:
             return {name: plain(reader.load_item(name)) for name in reader.manifest.items}
         validate_state(state, f"load({path!r})")

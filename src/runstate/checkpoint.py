@@ -1,21 +1,26 @@
-"""Writing and reading one checkpoint directory.
+"""Writing one checkpoint.
 
 A save encodes the whole state first (so a value that cannot be stored fails before any
-file is created), then streams every item's tensors into safetensors files inside a
-temporary directory, writes ``manifest.json`` last and commits the directory with one
-rename. A load reads the manifest, checks every safetensors header against it and every
-tensor's checksum, and only then hands values back.
+file is created), then streams every item's tensors into safetensors files of a
+:class:`~runstate.storage.Staging` (a hidden temporary directory locally, the final prefix
+on an object store) and commits it by writing ``manifest.json`` last. Nothing here knows
+where the bytes go.
+
+For distributed saves the steps are separate: :func:`plan_files` names every file from the
+whole state (the same on every process), :func:`write_items` writes some items into a
+staging (possibly attached from another process), :func:`build_manifest` combines what
+every process wrote, and the process that began the staging commits the manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import os
 import platform
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,16 +33,23 @@ from runstate.errors import (
     UnsupportedTypeError,
 )
 from runstate.format.manifest import MANIFEST_NAME, ItemEntry, Manifest, TensorEntry
-from runstate.format.safetensors_io import file_metadata, write_safetensors
+from runstate.format.safetensors_io import WrittenTensor, file_metadata, write_safetensors
 from runstate.format.tensors import TensorBlob
 from runstate.format.tree import Encoder
+from runstate.storage.base import Staging
+from runstate.storage.local import FillDirectory
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
     "CheckpointInfo",
+    "FilePlan",
     "PreparedState",
+    "WrittenItems",
+    "build_manifest",
+    "plan_files",
     "prepare",
     "write_checkpoint",
+    "write_items",
 ]
 
 #: Tensor files of one item are split past this size (``model-00001-of-00003.safetensors``).
@@ -169,50 +181,124 @@ def prepare(state: Mapping[str, Any], metrics: Mapping[str, Any] | None) -> Prep
     return PreparedState(encode_state(state), metric_values, metrics_node)
 
 
-def write_checkpoint(
-    directory: str,
+@dataclass(frozen=True)
+class FilePlan:
+    """One tensor file to write: its name, the item it belongs to and its tensors."""
+
+    name: str
+    item: str
+    tensors: list[tuple[str, TensorBlob]]
+    metadata: dict[str, str]
+
+
+@dataclass
+class WrittenItems:
+    """What :func:`write_items` wrote: index entries per item and the size of each file."""
+
+    items: dict[str, ItemEntry] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
+
+    def update(self, other: WrittenItems) -> None:
+        """Add what another process wrote (distributed saves)."""
+        self.items.update(other.items)
+        self.files.update(other.files)
+
+
+def plan_files(prepared: PreparedState, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[FilePlan]:
+    """Every tensor file of the checkpoint, named deterministically from the items in order."""
+    taken: set[str] = {MANIFEST_NAME, "manifest.safetensors"}
+    plans: list[FilePlan] = []
+    for name, (_tree, enc) in prepared.items.items():
+        blobs = list(enc.blobs.items())
+        if not blobs:
+            continue
+        shards = _shards(blobs, shard_bytes)
+        fnames = _file_names(name, len(shards), taken)
+        metadata = file_metadata(name, (b.lib for _, b in blobs))
+        plans.extend(FilePlan(fname, name, shard, metadata) for fname, shard in zip(fnames, shards, strict=True))
+    return plans
+
+
+def _write_file(staging: Staging, plan: FilePlan) -> tuple[int, dict[str, WrittenTensor]]:
+    with staging.open_write(plan.name) as f:
+        return write_safetensors(f, plan.tensors, plan.metadata)
+
+
+def write_items(
+    staging: Staging,
     prepared: PreparedState,
     *,
-    step: int | None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-) -> CheckpointInfo:
-    """Write a prepared state into ``directory`` (a hidden temporary directory being built).
+    items: Collection[str] | None = None,
+) -> WrittenItems:
+    """Write the tensor files of ``items`` (default: all) into ``staging``; no manifest.
 
-    The caller commits the directory; this function only fills it.
+    Files are written ``staging.parallel_writes`` at a time (one at a time on a local disk).
     """
-    encoded = prepared.items
-    taken: set[str] = {MANIFEST_NAME, "manifest.safetensors"}
-    files: dict[str, int] = {}
-    items: dict[str, ItemEntry] = {}
-    for name, (tree, enc) in encoded.items():
-        blobs = list(enc.blobs.items())
-        entries: dict[str, TensorEntry] = {}
-        if blobs:
-            shards = _shards(blobs, shard_bytes)
-            fnames = _file_names(name, len(shards), taken)
-            metadata = file_metadata(name, (b.lib for _, b in blobs))
-            for i, shard in enumerate(shards):
-                fname = fnames[i]
-                size, written = write_safetensors(os.path.join(directory, fname), shard, metadata)
-                files[fname] = size
-                for tname, blob in shard:
-                    w = written[tname]
-                    entries[tname] = TensorEntry(
-                        fname, blob.dtype, blob.shape, w.begin, w.end, w.xxh3, blob.lib, blob.meta
-                    )
-        items[name] = ItemEntry(tree=tree, tensors=entries)
+    wanted = set(prepared.items) if items is None else set(items)
+    plans = [p for p in plan_files(prepared, shard_bytes=shard_bytes) if p.item in wanted]
+    workers = min(staging.parallel_writes, len(plans))
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runstate-write") as pool:
+            results = list(pool.map(lambda p: _write_file(staging, p), plans))
+    else:
+        results = [_write_file(staging, p) for p in plans]
+    out = WrittenItems()
+    entries: dict[str, dict[str, TensorEntry]] = {name: {} for name in prepared.items if name in wanted}
+    for plan, (size, written) in zip(plans, results, strict=True):
+        out.files[plan.name] = size
+        for tname, blob in plan.tensors:
+            w = written[tname]
+            entries[plan.item][tname] = TensorEntry(
+                plan.name, blob.dtype, blob.shape, w.begin, w.end, w.xxh3, blob.lib, blob.meta
+            )
+    for name, (tree, _enc) in prepared.items.items():
+        if name in wanted:
+            out.items[name] = ItemEntry(tree=tree, tensors=entries[name])
+    return out
+
+
+def build_manifest(prepared: PreparedState, written: WrittenItems, *, step: int | None) -> Manifest:
+    """The manifest of a checkpoint whose files are ``written``; items keep the state's order."""
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
-    manifest = Manifest(
+    items = {name: written.items[name] for name in prepared.items if name in written.items}
+    return Manifest(
         step=step,
         created=created,
         metrics=prepared.metrics_node,
         versions=_versions(),
         items=items,
-        files=files,
+        files=dict(written.files),
     )
+
+
+def write_checkpoint(
+    target: Staging | str,
+    prepared: PreparedState,
+    *,
+    step: int | None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    before_commit: Callable[[bytes], None] | None = None,
+) -> CheckpointInfo:
+    """Write a prepared state into ``target`` and commit it with ``manifest.json``.
+
+    Args:
+        target: a :class:`Staging` from ``Store.begin`` (committed here), or a plain existing
+            directory to fill, manifest included (the caller commits that directory).
+        prepared: from :func:`prepare`.
+        step: recorded in the manifest.
+        shard_bytes: split an item's files past this many tensor bytes.
+        before_commit: called with the manifest bytes after every tensor file is durable and
+            before the commit (e.g. to read everything back); raising aborts the commit.
+
+    Returns:
+        The :class:`CheckpointInfo` of the committed checkpoint.
+    """
+    staging = FillDirectory(target) if isinstance(target, str) else target
+    written = write_items(staging, prepared, shard_bytes=shard_bytes)
+    manifest = build_manifest(prepared, written, step=step)
     raw = manifest.to_json_bytes()
-    with open(os.path.join(directory, MANIFEST_NAME), "xb") as f:
-        f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
-    return CheckpointInfo(step, directory, created, prepared.metrics, manifest.nbytes + len(raw))
+    if before_commit is not None:
+        before_commit(raw)
+    final = staging.commit(raw)
+    return CheckpointInfo(step, final, manifest.created, prepared.metrics, manifest.nbytes + len(raw))

@@ -12,14 +12,16 @@ not checked here: that is :func:`runstate.verify`.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from runstate.errors import CorruptCheckpointError
 from runstate.format.manifest import MANIFEST_NAME, Manifest, TensorEntry
 from runstate.format.tree import Decoder
-from runstate.reader import MAX_MANIFEST_BYTES, _missing, _open_regular
+from runstate.reader import read_manifest_bytes
 from runstate.restore import plain
+from runstate.storage import Store, open_store
 
 __all__ = ["CheckpointContents", "ItemContents", "ObjectSummary", "TensorSummary", "inspect"]
 
@@ -159,32 +161,29 @@ def _describe(tree: dict[str, Any], value: Any) -> tuple[str, str]:
     return "value", type(value).__name__
 
 
-def _read_manifest(path: str) -> tuple[Manifest, int]:
+def _read_manifest(store: Store) -> tuple[Manifest, int]:
     """Read and check ``manifest.json`` exactly as ``CheckpointReader`` does.
 
     ``CheckpointReader`` itself is not used because it prepares for loading tensors, which
     imports torch (a second and a half) where only the manifest is needed.
     """
-    manifest_path = os.path.join(path, MANIFEST_NAME)
-    if not os.path.lexists(manifest_path):
-        raise _missing(path)
-    with _open_regular(manifest_path, MANIFEST_NAME) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise CorruptCheckpointError(f"{manifest_path}: {size} bytes is implausibly large", file=MANIFEST_NAME)
-        raw = f.read(size)  # not read(LIMIT): a buffered read allocates its whole argument up front
-    return Manifest.from_json_bytes(raw, manifest_path), len(raw)
+    raw = read_manifest_bytes(store)
+    return Manifest.from_json_bytes(raw, store.join(MANIFEST_NAME)), len(raw)
 
 
 def _no_tensor(name: str) -> Any:
     raise CorruptCheckpointError(f"{MANIFEST_NAME}: metrics refer to tensor {name!r}", file=MANIFEST_NAME)
 
 
-def inspect(path: str | os.PathLike[str]) -> CheckpointContents:
+def inspect(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> CheckpointContents:
     """Describe a checkpoint from its manifest, without reading any tensor data.
 
     Args:
-        path: a checkpoint directory (``runs/exp/step-000000001000``).
+        path: a checkpoint directory (``runs/exp/step-000000001000``) or URL
+            (``s3://bucket/exp/step-000000001000``).
+        storage_options: fsspec options for a URL (credentials, endpoint...).
 
     Returns:
         A :class:`CheckpointContents`: step, creation time, metrics, versions, sizes, and
@@ -200,8 +199,9 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointContents:
         >>> contents.items["optimizer"].value["param_groups"][0]["lr"]
         0.001
     """
-    path = os.fspath(path)
-    manifest, manifest_nbytes = _read_manifest(path)
+    store = open_store(path, storage_options=storage_options)
+    path = store.location
+    manifest, manifest_nbytes = _read_manifest(store)
     metrics = Decoder("metrics", _no_tensor, []).decode(manifest.metrics)
     if not isinstance(metrics, dict):
         raise CorruptCheckpointError(f"{path}/{MANIFEST_NAME}: metrics is not a dict", file=MANIFEST_NAME)

@@ -1,9 +1,11 @@
 """``CheckpointManager``: a run directory of step checkpoints.
 
-Layout: ``<dir>/step-000000000100/`` per committed step, hidden ``.tmp-*``/``.del-*``
-leftovers of interrupted saves or deletions, and ``.lock`` for the single writer.
-Readers (``steps``, ``info``, ``restore``) never take the lock and only ever see committed
-steps, so an evaluation job can read while training writes.
+Layout: ``<dir>/step-000000000100/`` per committed step, leftovers of interrupted saves or
+deletions (hidden ``.tmp-*``/``.del-*`` locally, ``step-*`` prefixes without a manifest on
+object stores), and ``.lock`` for the single writer. Readers (``steps``, ``info``,
+``restore``) never take the lock and only ever see committed steps, so an evaluation job
+can read while training writes. Where the bytes go is the business of
+:mod:`runstate.storage`: a local directory or any fsspec URL (``s3://bucket/run``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType, TracebackType
 from typing import Any
@@ -41,16 +43,8 @@ from runstate.policies import Retention, SaveCadence
 from runstate.reader import CheckpointReader
 from runstate.restore import RestoreReport, restore_state
 from runstate.snapshot import SnapshotPool
-from runstate.storage.local import (
-    RunLock,
-    commit_directory,
-    delete_directory,
-    list_committed,
-    list_leftovers,
-    remove_leftovers,
-    step_dirname,
-)
-from runstate.verify import verify as verify_checkpoint
+from runstate.storage import Staging, Store, open_store, step_dirname
+from runstate.verify import verify_reader
 
 __all__ = ["CheckpointManager"]
 
@@ -61,7 +55,10 @@ class CheckpointManager:
     """Saves, retains and restores the checkpoints of one training run.
 
     Args:
-        directory: the run directory; created on the first save.
+        directory: the run directory; created on the first save. A URL such as
+            ``s3://bucket/runs/exp`` or ``memory://exp`` stores the run through fsspec with the
+            object-store protocol (``manifest.json`` last as the commit marker, an advisory
+            ``.lock`` object: one writer per run is then your responsibility).
         keep_last: keep the N newest checkpoints (None keeps all).
         keep_every: also keep every checkpoint whose step is divisible by this.
         keep_best: also keep the M best checkpoints by ``metrics[best_metric]``.
@@ -78,6 +75,8 @@ class CheckpointManager:
             point-in-time snapshot) and returns; a background thread writes and commits it.
             At most one save is in flight: the next ``save`` waits for it. A background
             failure is raised by the next ``save``, :meth:`wait` or :meth:`close`.
+        storage_options: fsspec options for a URL (credentials, ``client_kwargs``,
+            ``default_block_size`` for the upload part size...).
         group: the processes that save together: None uses the default
             ``torch.distributed`` process group when one is initialized (create the
             manager after ``init_process_group``), else this process alone. Every process
@@ -105,20 +104,22 @@ class CheckpointManager:
         save_every_seconds: float | None = None,
         save_on_signals: Sequence[int] = (),
         async_save: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
         group: Any = None,
     ) -> None:
-        self.directory = os.fspath(directory)
+        self._store: Store = open_store(directory, storage_options=storage_options)
+        self.directory = self._store.location
         self._group = current_group(group)
         if self._group.distributed and async_save:
             raise CheckpointError(
                 "async_save=True is not supported under torch.distributed yet: every process would write "
                 "from a background thread while training runs collectives; use async_save=False"
             )
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+        if self._store.is_local and os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointWriteError(20, f"{self.directory} is a file; a CheckpointManager needs a directory")
         self.retention = Retention(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.cadence = SaveCadence(save_every_steps, save_every_seconds)
-        self._lock = RunLock(self.directory)
+        self._lock = self._store.lock()
         self._last_save = time.monotonic()
         self._closed = False
         self._corrupt: set[int] = set()  # steps found damaged by restore(): never deleted or overwritten
@@ -190,11 +191,12 @@ class CheckpointManager:
 
     def path(self, step: int) -> str:
         """The directory of ``step``'s checkpoint (whether or not it exists)."""
-        return os.path.join(self.directory, step_dirname(validate_step(step)))
+        return self._store.join(step_dirname(validate_step(step)))
 
     def leftovers(self) -> list[str]:
-        """Temporaries of interrupted saves or deletions (``.tmp-*``, ``.del-*``): never committed."""
-        return list_leftovers(self.directory)
+        """Remains of interrupted saves or deletions (``.tmp-*``, ``.del-*``; on object stores
+        ``step-*`` prefixes without ``manifest.json``): never committed."""
+        return self._store.list_leftovers()
 
     def clean(self, *, dry_run: bool = False) -> list[str]:
         """Remove the leftovers of interrupted saves; committed checkpoints are never touched.
@@ -211,14 +213,14 @@ class CheckpointManager:
             LockError: another live process is writing to this directory.
         """
         self._check_open()
-        if not os.path.isdir(self.directory):
+        if self._store.is_local and not os.path.isdir(self.directory):
             return []
         self._lock.acquire()
-        return self.leftovers() if dry_run else remove_leftovers(self.directory)
+        return self.leftovers() if dry_run else self._store.remove_leftovers()
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
-        return list(list_committed(self.directory))
+        return list(self._store.list_committed())
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None when there is none."""
@@ -234,13 +236,13 @@ class CheckpointManager:
         with CheckpointReader(self._existing(step)) as reader:
             return reader.info()
 
-    def _existing(self, step: int) -> str:
+    def _existing(self, step: int) -> Store:
         step = validate_step(step)
-        committed = list_committed(self.directory)
+        committed = self._store.list_committed()
         if step not in committed:
             listed = ", ".join(map(str, committed)) or "none"
             raise CheckpointNotFoundError(f"no checkpoint for step {step} in {self.directory} (steps: {listed})")
-        return committed[step]
+        return self._store.child(step_dirname(step))
 
     def save(
         self,
@@ -292,9 +294,9 @@ class CheckpointManager:
         self.wait()  # at most one save in flight; re-raises a failed background save
         prepared = prepare(state, metrics)
         self._lock.acquire()  # no-op once held
-        for leftover in remove_leftovers(self.directory):  # interrupted saves or deletions
+        for leftover in self._store.remove_leftovers():  # interrupted saves or deletions
             logger.info("removed leftover of an interrupted save or deletion: %s", leftover)
-        if os.path.lexists(self.path(step)) and step not in self._corrupt:
+        if step not in self._corrupt and self._store.exists(step_dirname(step)):
             raise StepExistsError(f"{self.path(step)} already exists; save under a new step or delete it first")
         self._last_save = now
         if self._executor is not None:
@@ -316,14 +318,16 @@ class CheckpointManager:
 
         def start() -> None:  # on rank 0 only
             self._lock.acquire()
-            for leftover in remove_leftovers(self.directory):
+            for leftover in self._store.remove_leftovers():
                 logger.info("removed leftover of an interrupted save or deletion: %s", leftover)
-            if os.path.lexists(self.path(step)) and step not in self._corrupt:
+            if step not in self._corrupt and self._store.exists(step_dirname(step)):
                 raise StepExistsError(f"{self.path(step)} already exists; save under a new step or delete it first")
             self._move_aside_if_corrupt(step)
 
         started = time.monotonic()
-        save_together(self._group, self.path(step), state, step=step, metrics=metrics, before_start=start)
+        save_together(
+            self._group, self._store, step_dirname(step), state, step=step, metrics=metrics, before_start=start
+        )
         if self._group.rank == 0:
             logger.info(
                 "saved step %d from %d processes in %.2f s", step, self._group.size, time.monotonic() - started
@@ -336,16 +340,9 @@ class CheckpointManager:
     def _write(self, step: int, prepared: PreparedState, verify: bool) -> None:
         started = time.monotonic()
         self._move_aside_if_corrupt(step)
-        with commit_directory(self.path(step)) as tmp:
-            info = write_checkpoint(tmp, prepared, step=step)
-            if verify:
-                _drop_page_cache(tmp)
-                report = verify_checkpoint(tmp)
-                if not report.ok:
-                    raise CorruptCheckpointError(
-                        f"{self.path(step)}: read-back verification failed, nothing was committed: "
-                        + "; ".join(map(str, report.problems))
-                    )
+        with self._store.begin(step_dirname(step)) as staging:
+            check = self._read_back(staging, step) if verify else None
+            info = write_checkpoint(staging, prepared, step=step, before_commit=check)
         seconds = time.monotonic() - started
         logger.info(
             "saved step %d: %.1f MB in %.2f s (%.2f GB/s)%s",
@@ -359,6 +356,20 @@ class CheckpointManager:
             self._apply_retention(step)
         except CheckpointError as exc:  # the new checkpoint is committed: do not fail the save
             logger.warning("step %d is saved, but removing older checkpoints failed: %s", step, exc)
+
+    def _read_back(self, staging: Staging, step: int) -> Callable[[bytes], None]:
+        def check(manifest: bytes) -> None:
+            directory = staging.local_dir()
+            if directory is not None:
+                _drop_page_cache(directory)
+            report = verify_reader(CheckpointReader(staging.reader(), manifest=manifest))
+            if not report.ok:
+                raise CorruptCheckpointError(
+                    f"{self.path(step)}: read-back verification failed, nothing was committed: "
+                    + "; ".join(map(str, report.problems))
+                )
+
+        return check
 
     def wait(self) -> None:
         """Block until the save in flight (``async_save=True``) is committed.
@@ -380,32 +391,31 @@ class CheckpointManager:
 
     def _move_aside_if_corrupt(self, step: int) -> None:
         """A step found corrupt by ``restore`` is kept for inspection under another name."""
-        path = self.path(step)
-        if step in self._corrupt and os.path.isdir(path):
-            aside = f"{path}.corrupt-{int(time.time())}"
+        path, name = self.path(step), step_dirname(step)
+        if step in self._corrupt and self._store.exists(name):
             try:
-                os.rename(path, aside)
+                aside = self._store.rename(name, f"{name}.corrupt-{int(time.time())}")
             except OSError as exc:
                 raise CheckpointWriteError(
-                    exc.errno or 0, f"cannot move the damaged {path} aside to save step {step} again: {exc.strerror}"
+                    exc.errno or 0, f"cannot move the damaged {path} aside to save step {step} again: {exc}"
                 ) from exc
             self._corrupt.discard(step)
             logger.warning("moved corrupt checkpoint %s aside to %s before saving step %d again", path, aside, step)
 
     def _apply_retention(self, just_saved: int) -> None:
-        committed = {s: p for s, p in list_committed(self.directory).items() if s not in self._corrupt}
+        committed = {s: p for s, p in self._store.list_committed().items() if s not in self._corrupt}
         metrics: dict[int, Mapping[str, Any]] = {}
         if self.retention.needs_metrics:
             for s, p in committed.items():
                 try:
-                    with CheckpointReader(p) as reader:
+                    with CheckpointReader(self._store.child(step_dirname(s))) as reader:
                         metrics[s] = reader.info().metrics
                 except CheckpointError as exc:
                     logger.warning("retention: cannot read %s (%s); ranking it last", p, exc)
         keep = self.retention.to_keep(list(committed), metrics, protected=(just_saved,))
-        for s, p in committed.items():
+        for s in committed:
             if s not in keep:
-                delete_directory(p)
+                self._store.delete(step_dirname(s))
 
     def restore(
         self,
@@ -447,14 +457,14 @@ class CheckpointManager:
             self._restore_from(self._existing(step), state, strict, rename)
             return step
         skipped: list[str] = []
-        committed = list_committed(self.directory)
+        committed = self._store.list_committed()
         if self._group.distributed:  # every process tries the same steps, in the same order
             listed = self._group.broadcast_text(",".join(map(str, committed)))
             steps = [int(s) for s in listed.split(",") if s]
-            committed = {s: self.path(s) for s in steps}
+            committed = {s: self._store.join(step_dirname(s)) for s in steps}
         for candidate, path in reversed(committed.items()):
             try:
-                self._restore_from(path, state, strict, rename)
+                self._restore_from(self._store.child(step_dirname(candidate)), state, strict, rename)
             except CorruptCheckpointError as exc:
                 self._corrupt.add(candidate)
                 if not fallback:
@@ -473,15 +483,15 @@ class CheckpointManager:
 
     def _restore_from(
         self,
-        path: str,
+        store: Store,
         state: MutableMapping[str, Any],
         strict: bool,
         rename: Mapping[str, Sequence[tuple[str, str]]] | None,
     ) -> None:
         try:
-            reader = CheckpointReader(path)
+            reader = CheckpointReader(store)
         except CheckpointNotFoundError as exc:  # a committed directory always has a manifest
-            raise CorruptCheckpointError(f"{path}: {MANIFEST_NAME} is missing", file=MANIFEST_NAME) from exc
+            raise CorruptCheckpointError(f"{store.location}: {MANIFEST_NAME} is missing", file=MANIFEST_NAME) from exc
         with reader:
             self.last_restore_report = restore_state(reader, state, strict=strict, rename=rename, group=self._group)
 

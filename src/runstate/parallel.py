@@ -3,10 +3,12 @@
 The protocol, with every step agreed through the :class:`~runstate.group.Group`:
 
 1. Every process encodes its items; if any process cannot, all raise and nothing is written.
-2. Rank 0 starts the checkpoint (a hidden temporary directory) and tells the others where.
+2. Rank 0 starts the checkpoint (``Store.begin``: a hidden temporary directory, or the step
+   prefix of an object store) and tells the others where (``Store.attach``).
 3. Every process writes its files there: rank 0 the replicated items, every rank its
    per-rank items and its blocks of sharded items, plus ``rank-<r>.part.json`` (what it
-   wrote, with checksums). Each file is durable before the process reports success.
+   wrote, with checksums; kept in the checkpoint, readers ignore it). Each file is durable
+   (fsynced or uploaded) before the process reports success.
 4. Only when every process succeeded does rank 0 merge the parts into ``manifest.json`` and
    commit; otherwise it removes everything. A process that dies at any moment therefore
    never leaves a committed partial checkpoint: its peers block or fail, and rank 0 never
@@ -16,20 +18,15 @@ The protocol, with every step agreed through the :class:`~runstate.group.Group`:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from runstate.checkpoint import DEFAULT_SHARD_BYTES, _file_names, _metric_value, _shards, _versions, encode_state
 from runstate.distributed import is_per_rank
-from runstate.errors import CheckpointError, CheckpointWriteError, StepExistsError
+from runstate.errors import CheckpointError, CheckpointWriteError
 from runstate.format.manifest import (
-    MANIFEST_NAME,
     Manifest,
     RankInfo,
     TensorEntry,
@@ -40,7 +37,7 @@ from runstate.format.safetensors_io import file_metadata, write_safetensors
 from runstate.format.tensors import TensorBlob
 from runstate.format.tree import Encoder
 from runstate.group import Group
-from runstate.storage.local import fsync_dir
+from runstate.storage.base import Staging, Store
 
 __all__ = ["save_together"]
 
@@ -69,7 +66,7 @@ def _encode(state: Mapping[str, Any], group: Group) -> tuple[dict[str, tuple[dic
 
 
 def _write_part(
-    directory: str, items: dict[str, tuple[dict[str, Any], Encoder]], sharded: set[str], rank: int
+    staging: Staging, items: dict[str, tuple[dict[str, Any], Encoder]], sharded: set[str], rank: int
 ) -> dict[str, Any]:
     """Write this process's tensor files; return the part (its index entries and files)."""
     taken: set[str] = set()
@@ -99,7 +96,8 @@ def _write_part(
             fnames = _file_names(base, len(shards), taken)
             metadata = file_metadata(name, (b.lib for _, b in blobs))
             for fname, shard in zip(fnames, shards, strict=True):
-                size, written = write_safetensors(os.path.join(directory, fname), shard, metadata)
+                with staging.open_write(fname) as f:
+                    size, written = write_safetensors(f, shard, metadata)
                 files[fname] = size
                 for tname, blob in shard:
                     w = written[tname]
@@ -112,10 +110,8 @@ def _write_part(
         }
     part = {"rank": rank, "items": part_items, "files": files}
     raw = json.dumps(part, ensure_ascii=True, allow_nan=False).encode("ascii")
-    with open(os.path.join(directory, _part_name(rank)), "xb") as f:
+    with staging.open_write(_part_name(rank)) as f:
         f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
     return part
 
 
@@ -161,60 +157,19 @@ def _merge(parts: list[dict[str, Any]], where: str) -> tuple[dict[str, Any], dic
     return items, files
 
 
-class _Staging:
-    """Rank 0's uncommitted checkpoint directory: a hidden temporary next to its final name."""
-
-    def __init__(self, final: str) -> None:
-        self.final = final
-        self.parent, name = os.path.split(os.path.abspath(final))
-        if os.path.lexists(final):
-            raise StepExistsError(f"{final} already exists; choose another step or delete it first")
-        self.location = os.path.join(self.parent, f".tmp-{name}-{uuid.uuid4().hex[:12]}")
-        try:
-            os.makedirs(self.parent, exist_ok=True)
-            os.mkdir(self.location)
-        except OSError as exc:
-            raise CheckpointWriteError(exc.errno or 0, f"cannot create {self.location}: {exc.strerror}") from exc
-
-    def commit(self, manifest: bytes) -> None:
-        try:
-            with open(os.path.join(self.location, MANIFEST_NAME), "xb") as f:
-                f.write(manifest)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(self.location)
-            if os.path.lexists(self.final):
-                raise StepExistsError(f"{self.final} appeared while saving; another writer uses this path")
-            os.rename(self.location, self.final)
-        except OSError as exc:
-            self.abort()
-            if isinstance(exc, CheckpointError):
-                raise
-            raise CheckpointWriteError(exc.errno or 0, f"cannot commit {self.final}: {exc.strerror}") from exc
-        try:
-            fsync_dir(self.parent)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.rename(self.final, self.location)
-            self.abort()
-            raise CheckpointWriteError(exc.errno or 0, f"cannot commit {self.final}: {exc.strerror}") from exc
-
-    def abort(self) -> None:
-        shutil.rmtree(self.location, ignore_errors=True)
-
-
 def save_together(
     group: Group,
-    final: str,
+    store: Store,
+    name: str,
     state: Mapping[str, Any],
     *,
     step: int | None,
     metrics: Mapping[str, Any] | None,
-    before_start: Any = None,
+    before_start: Callable[[], None] | None = None,
 ) -> None:
-    """Save ``state`` as the checkpoint ``final`` from every process of ``group``.
+    """Save ``state`` as the checkpoint ``name`` of ``store`` from every process of ``group``.
 
-    Every process must call it with the same step and item names.
+    Every process must call it with the same store, name, step and item names.
 
     Args:
         before_start: called on rank 0 before the checkpoint is started (lock, leftovers).
@@ -222,7 +177,11 @@ def save_together(
     Raises:
         CheckpointError: this or another process failed; nothing was committed.
     """
+    final = store.join(name)
     error: BaseException | None = None
+    metric_values: dict[str, Any] = {}
+    items: dict[str, tuple[dict[str, Any], Encoder]] = {}
+    sharded: set[str] = set()
     try:
         metric_values = {str(k): _metric_value(str(k), v) for k, v in (metrics or {}).items()}
         items, sharded = _encode(state, group)
@@ -230,25 +189,28 @@ def save_together(
         error = exc
     if group.all_min(0 if error else 1) == 0:
         raise error or CheckpointError(f"{final}: another process could not encode its state (see its error)")
-    staging: _Staging | None = None
+    staging: Staging | None = None
     if group.rank == 0:
         try:
             if before_start is not None:
                 before_start()
-            staging = _Staging(final)
+            staging = store.begin(name)
         except CheckpointError as exc:
             error = exc
     location = group.broadcast_text(staging.location if staging is not None else "")
     if not location:
         raise error or CheckpointWriteError(0, f"{final}: rank 0 could not start the checkpoint (see its error)")
     part: dict[str, Any] = {}
+    mine = staging
     try:
-        part = _write_part(location, items, sharded, group.rank)
+        if mine is None:
+            mine = store.attach(location)
+        part = _write_part(mine, items, sharded, group.rank)
     except (CheckpointError, OSError, RuntimeError) as exc:
         error = exc
     if group.all_min(0 if error else 1) == 0:
-        if staging is not None:
-            staging.abort()
+        if mine is not None:
+            mine.abort()
         if isinstance(error, CheckpointError):
             raise error
         if error is not None:
@@ -257,7 +219,8 @@ def save_together(
     committed = 1
     if staging is not None:
         try:
-            _commit(staging, part, group.size, step, metric_values, [n for n, v in state.items() if is_per_rank(v)])
+            per_rank = [n for n, v in state.items() if is_per_rank(v)]
+            _commit(staging, part, group.size, step, metric_values, per_rank)
         except CheckpointError as exc:
             error, committed = exc, 0
     if group.all_min(committed) == 0:
@@ -265,37 +228,37 @@ def save_together(
 
 
 def _commit(
-    staging: _Staging,
+    staging: Staging,
     own: dict[str, Any],
     world_size: int,
     step: int | None,
     metrics: dict[str, Any],
     per_rank: list[str],
 ) -> None:
+    """Merge every process's part into the manifest and commit (rank 0)."""
     parts = [own]
-    for rank in range(1, world_size):
-        path = os.path.join(staging.location, _part_name(rank))
-        try:
-            with open(path, "rb") as f:
-                parts.append(json.loads(f.read()))
-            os.remove(path)
-        except (OSError, ValueError) as exc:
-            staging.abort()
-            raise CheckpointWriteError(0, f"{staging.final}: cannot read rank {rank}'s part: {exc}") from exc
-    os.remove(os.path.join(staging.location, _part_name(0)))
+    files = staging.reader()
     try:
-        items, files = _merge(parts, staging.final)
+        for rank in range(1, world_size):
+            f, size = files.open_read(_part_name(rank))
+            with f:
+                parts.append(json.loads(f.read(size)))
+        items, written = _merge(parts, staging.final)
+        manifest = Manifest(
+            step=step,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
+            metrics=Encoder("metrics", lambda _v: None, []).encode(metrics),
+            versions=_versions(),
+            items={name: item_from_json(it) for name, it in items.items()},
+            files=written,
+            ranks=RankInfo(world_size, tuple(per_rank)),
+        )
+        staging.commit(manifest.to_json_bytes())
+    except (OSError, ValueError) as exc:
+        staging.abort()
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointWriteError(0, f"{staging.final}: cannot merge the processes' parts: {exc}") from exc
     except CheckpointError:
         staging.abort()
         raise
-    metrics_node = Encoder("metrics", lambda _v: None, []).encode(metrics)
-    manifest = Manifest(
-        step=step,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
-        metrics=metrics_node,
-        versions=_versions(),
-        items={name: item_from_json(it) for name, it in items.items()},
-        files=files,
-        ranks=RankInfo(world_size, tuple(per_rank)),
-    )
-    staging.commit(manifest.to_json_bytes())

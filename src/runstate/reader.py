@@ -12,7 +12,7 @@ names in the manifest are informational and never imported.
 from __future__ import annotations
 
 import os
-import stat
+from collections.abc import Mapping
 from typing import IO, Any
 
 import numpy as np
@@ -24,53 +24,56 @@ from runstate.format.manifest import MANIFEST_NAME, ChunkedTensor, Manifest, Ten
 from runstate.format.safetensors_io import checksum, file_metadata, header_bytes, read_header, read_tensor_bytes
 from runstate.format.tensors import DTYPE_SIZES, NumpyCodec
 from runstate.format.tree import Decoder
+from runstate.storage import Store, open_store
 
-__all__ = ["MAX_MANIFEST_BYTES", "CheckpointReader"]
+__all__ = ["MAX_MANIFEST_BYTES", "CheckpointReader", "read_manifest_bytes"]
 
 #: A manifest larger than this is refused (a real one is a few MB for a large model).
 MAX_MANIFEST_BYTES = 1024**3
 
 
-def _missing(path: str) -> CheckpointNotFoundError:
+def _missing(store: Store) -> CheckpointNotFoundError:
+    path = store.location
+    if not store.is_local:
+        steps = store.list_committed()
+        if steps:
+            return CheckpointNotFoundError(
+                f"{path} is a run directory, not a checkpoint; use CheckpointManager({path!r}).restore(state) "
+                f"or pass one of its checkpoints, e.g. {steps[max(steps)]}"
+            )
+        return CheckpointNotFoundError(f"no checkpoint at {path} (no committed {MANIFEST_NAME} there)")
     if os.path.isfile(path):
         return CheckpointNotFoundError(
             f"{path} is a file, not a checkpoint directory; pass the directory runstate.save wrote"
         )
     if os.path.isdir(path):
-        steps = sorted(n for n in os.listdir(path) if n.startswith("step-"))
-        if steps:
+        steps_found = sorted(n for n in os.listdir(path) if n.startswith("step-"))
+        if steps_found:
             return CheckpointNotFoundError(
                 f"{path} is a run directory, not a checkpoint; use CheckpointManager({path!r}).restore(state) "
-                f"or pass one of its checkpoints, e.g. {os.path.join(path, steps[-1])}"
+                f"or pass one of its checkpoints, e.g. {os.path.join(path, steps_found[-1])}"
             )
         return CheckpointNotFoundError(f"{path} has no {MANIFEST_NAME}; it is not a (committed) runstate checkpoint")
     return CheckpointNotFoundError(f"no checkpoint at {path}")
 
 
-def _open_regular(path: str, name: str) -> IO[bytes]:
-    """Open a regular file that is not a symlink, or raise ``CorruptCheckpointError``.
+def read_manifest_bytes(store: Store) -> bytes:
+    """The raw ``manifest.json`` of the checkpoint at ``store``, refused when implausibly large.
 
-    Anything else is refused before it is opened: opening a FIFO would block forever and
-    opening a device runs its driver. ``O_NOFOLLOW``, ``O_NONBLOCK`` and the ``fstat`` after
-    the open close the gap should the entry be swapped in between.
+    Raises:
+        CheckpointNotFoundError: there is no manifest.
+        CorruptCheckpointError: it is not a regular file, or too large.
     """
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            raise CorruptCheckpointError(
-                f"{path}: not a regular file (symlinks are refused, and so are directories, FIFOs and devices)",
-                file=name,
-            )
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        f, size = store.open_read(MANIFEST_NAME)
     except FileNotFoundError:
-        raise CorruptCheckpointError(f"{path}: file is missing; the checkpoint is incomplete", file=name) from None
-    except OSError as exc:
-        raise CorruptCheckpointError(
-            f"{path}: cannot be opened safely ({exc.strerror}); symlinks are refused", file=name
-        ) from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CorruptCheckpointError(f"{path}: not a regular file", file=name)
-    return os.fdopen(fd, "rb")
+        raise _missing(store) from None
+    with f:
+        if size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                f"{store.join(MANIFEST_NAME)}: {size} bytes is implausibly large", file=MANIFEST_NAME
+            )
+        return f.read(size)  # never read(LIMIT): a buffered read allocates its whole argument up front
 
 
 class CheckpointReader:
@@ -78,23 +81,29 @@ class CheckpointReader:
 
     Use as a context manager so that open files are closed.
 
+    Args:
+        path: the checkpoint: a local directory, a URL (``s3://bucket/run/step-...``) or a Store.
+        storage_options: fsspec options for a URL.
+        manifest: the manifest's bytes, when they are not (yet) stored with the files: used to
+            read a checkpoint back before it is committed.
+
     Raises:
         CheckpointNotFoundError: ``path`` has no manifest.
         CorruptCheckpointError: the manifest is damaged or malformed.
         FormatVersionError: the checkpoint needs a newer runstate.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = os.fspath(path)
-        manifest_path = os.path.join(self.path, MANIFEST_NAME)
-        if not os.path.lexists(manifest_path):
-            raise _missing(self.path)
-        with _open_regular(manifest_path, MANIFEST_NAME) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_MANIFEST_BYTES:
-                raise CorruptCheckpointError(f"{manifest_path}: {size} bytes is implausibly large", file=MANIFEST_NAME)
-            raw = f.read(size)  # never read(LIMIT): a buffered read allocates its whole argument up front
-        self.manifest = Manifest.from_json_bytes(raw, manifest_path)
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | Store,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        manifest: bytes | None = None,
+    ) -> None:
+        self.store = open_store(path, storage_options=storage_options)
+        self.path = self.store.location
+        raw = read_manifest_bytes(self.store) if manifest is None else manifest
+        self.manifest = Manifest.from_json_bytes(raw, self.store.join(MANIFEST_NAME))
         self.manifest_nbytes = len(raw)
         self._files: dict[str, tuple[IO[bytes], int]] = {}
         self._objects = object_codecs(for_loading=True)
@@ -130,15 +139,21 @@ class CheckpointReader:
         """Open a tensor file, checking its size and header; return it and its data offset."""
         if fname in self._files:
             return self._files[fname]
-        fpath = os.path.join(self.path, fname)
+        fpath = self.store.join(fname)
         expected = self.manifest.files[fname]
-        f = _open_regular(fpath, fname)
         try:
-            size = os.fstat(f.fileno()).st_size
+            f, size = self.store.open_read(fname)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{fpath}: file is missing; the checkpoint is incomplete", file=fname) from None
+        except CorruptCheckpointError:
+            raise
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{fpath}: cannot be read ({exc})", file=fname) from exc
+        try:
             if size != expected:
                 raise CorruptCheckpointError(f"{fpath}: size is {size} bytes, the manifest says {expected}", file=fname)
             try:
-                header, data_start, raw = read_header(f, fpath)
+                header, data_start, raw = read_header(f, fpath, size)
             except CorruptCheckpointError as exc:
                 exc.file = fname
                 raise
@@ -220,7 +235,7 @@ class CheckpointReader:
         """Read one tensor's bytes and check them against the checksum; return a uint8 array."""
         entry = self.entry(item, name)
         f, data_start = self.open_file(entry.file)
-        fpath = os.path.join(self.path, entry.file)
+        fpath = self.store.join(entry.file)
         try:
             data = read_tensor_bytes(f, fpath, data_start, entry.begin, entry.end)
         except CorruptCheckpointError as exc:

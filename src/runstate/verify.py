@@ -8,6 +8,7 @@ checksum, and every tensor the typed trees refer to.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +16,9 @@ from runstate.errors import CheckpointError, CorruptCheckpointError
 from runstate.format.manifest import MANIFEST_NAME
 from runstate.format.tree import Decoder
 from runstate.reader import CheckpointReader
+from runstate.storage import open_store
 
-__all__ = ["Problem", "VerifyReport", "verify"]
+__all__ = ["Problem", "VerifyReport", "verify", "verify_reader"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class VerifyReport:
 def _problem(exc: CheckpointError, path: str, default_file: str | None = None) -> Problem:
     file = getattr(exc, "file", None) or default_file
     reason = str(exc)
-    for prefix in (os.path.join(path, file or ""), path):
+    for prefix in (os.path.join(path, file or ""), f"{path}/{file or ''}", path):
         if reason.startswith(prefix + ": "):
             reason = reason[len(prefix) + 2 :]
             break
@@ -96,11 +98,15 @@ class _Placeholders:
         return False
 
 
-def verify(path: str | os.PathLike[str]) -> VerifyReport:
+def verify(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> VerifyReport:
     """Check a checkpoint directory completely.
 
     Args:
-        path: a checkpoint directory (``runs/exp/step-000000001000``).
+        path: a checkpoint directory (``runs/exp/step-000000001000``) or URL
+            (``s3://bucket/exp/step-000000001000``).
+        storage_options: fsspec options for a URL (credentials, endpoint...).
 
     Returns:
         A :class:`VerifyReport`; ``report.ok`` is False when anything is wrong.
@@ -110,12 +116,19 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         >>> for problem in report.problems:
         ...     print(problem)
     """
-    path = os.fspath(path)
-    problems: list[Problem] = []
+    store = open_store(path, storage_options=storage_options)
+    path = store.location
     try:
-        reader = CheckpointReader(path)
+        reader = CheckpointReader(store)
     except CheckpointError as exc:
         return VerifyReport(path, False, (_problem(exc, path, MANIFEST_NAME),))
+    return verify_reader(reader)
+
+
+def verify_reader(reader: CheckpointReader) -> VerifyReport:
+    """Check every file and tensor of an opened checkpoint (closes the reader)."""
+    path = reader.path
+    problems: list[Problem] = []
     checked = nbytes = 0
     with reader:
         bad_files: set[str] = set()

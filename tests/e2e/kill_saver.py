@@ -30,7 +30,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "mkdir": ("os", "mkdir"),  # the temporary directory
     "unlink": ("os", "unlink"),  # inside retention deletions and leftover removal
     "rmdir": ("os", "rmdir"),
-    "delete": ("runstate.manager", "delete_directory"),  # retention
+    "delete": ("runstate.storage.local", "delete_directory"),  # retention
     "write": ("", ""),  # in the middle of a tensor file's bytes: half a buffer written
 }
 MAX_SAVES = 500
@@ -64,7 +64,7 @@ def _kill_on_call(target: str, n: int, when: str) -> None:
 
     calls = [0]
     if target == "write":
-        from runstate.format import safetensors_io
+        from runstate.storage import local as local_storage  # opens the tensor files and the manifest
 
         real_open = open
 
@@ -90,7 +90,7 @@ def _kill_on_call(target: str, n: int, when: str) -> None:
             def __getattr__(self, name: str) -> Any:
                 return getattr(self._f, name)
 
-        safetensors_io.open = lambda *a, **k: _Half(real_open(*a, **k))  # type: ignore[attr-defined]
+        local_storage.open = lambda *a, **k: _Half(real_open(*a, **k))  # type: ignore[attr-defined]
         return
     module_name, attr = TARGETS[target]
     module = importlib.import_module(module_name)

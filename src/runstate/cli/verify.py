@@ -18,11 +18,17 @@ __all__ = ["register"]
 
 def _targets(path: str) -> tuple[list[str], list[str]] | int:
     """The checkpoints to verify and the leftovers found, or an exit code after an error line."""
-    if not os.path.lexists(path):
+    if "://" in path:  # s3://bucket/run or s3://bucket/run/step-...: credentials from the environment
+        try:
+            runstate.inspect(path)
+            return [path], []
+        except runstate.CheckpointNotFoundError:
+            pass  # a run directory, or nothing: the manager says which
+    elif not os.path.lexists(path):
         return fail("verify", f"no such checkpoint or run directory: {path}")
-    if not os.path.isdir(path):
+    elif not os.path.isdir(path):
         return fail("verify", f"{path} is a file; give a checkpoint directory or a run directory")
-    if os.path.lexists(os.path.join(path, "manifest.json")):
+    elif os.path.lexists(os.path.join(path, "manifest.json")):
         return [path], []
     with runstate.CheckpointManager(path) as mgr:
         targets = [mgr.path(step) for step in mgr.steps()]

@@ -88,43 +88,57 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         _FADVISE(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
+def _fileno(f: IO[bytes]) -> int | None:
+    try:
+        return f.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return None
+
+
 def write_safetensors(
-    path: str, tensors: Sequence[tuple[str, TensorBlob]], metadata: dict[str, str], *, fsync: bool = True
+    f: IO[bytes], tensors: Sequence[tuple[str, TensorBlob]], metadata: dict[str, str], *, writeback: bool = True
 ) -> tuple[int, dict[str, WrittenTensor]]:
-    """Write ``tensors`` to a new file at ``path``.
+    """Write ``tensors`` as a safetensors file to the binary file ``f``, from its start.
+
+    The caller opens ``f`` and makes it durable (fsync, upload) when closing it. On a real
+    file (one with a ``fileno``) and with ``writeback``, the kernel is asked every 8 MiB to
+    start writing the pages already written, so the caller's final fsync waits less.
 
     Returns:
         The file size and, per tensor name, its data offsets and checksum.
     """
     header = header_bytes(_in_file_order(tensors), metadata)
     written: dict[str, WrittenTensor] = {}
-    with open(path, "xb", buffering=0) as f:
-        position = f.write(struct.pack("<Q", len(header)) + header) or 0
-        flushed = 0
-        offset = 0
-        for name, blob in tensors:
-            data = blob.read()
-            if data.nbytes != blob.nbytes:
-                raise RuntimeError(f"tensor {name!r} produced {data.nbytes} bytes, expected {blob.nbytes}")
-            digest = checksum(data)
-            for start in range(0, data.nbytes, _CHUNK):
-                view = data[start : start + _CHUNK]
-                while view.nbytes:
-                    n = f.write(view) or 0
-                    view = view[n:]
-                    position += n
-                    if fsync and position - flushed >= _WRITEBACK_EVERY:  # not per tiny tensor
-                        _start_writeback(f.fileno(), flushed, position - flushed)
-                        flushed = position
-            written[name] = WrittenTensor(offset, offset + blob.nbytes, digest)
-            offset += blob.nbytes
-        if fsync:
-            os.fsync(f.fileno())
+    fd = _fileno(f) if writeback else None
+    position = f.write(struct.pack("<Q", len(header)) + header) or 0
+    flushed = 0
+    offset = 0
+    for name, blob in tensors:
+        data = blob.read()
+        if data.nbytes != blob.nbytes:
+            raise RuntimeError(f"tensor {name!r} produced {data.nbytes} bytes, expected {blob.nbytes}")
+        digest = checksum(data)
+        for start in range(0, data.nbytes, _CHUNK):
+            view = data[start : start + _CHUNK]
+            while view.nbytes:
+                n = f.write(view) or 0
+                view = view[n:]
+                position += n
+                if fd is not None and position - flushed >= _WRITEBACK_EVERY:  # not per tiny tensor
+                    _start_writeback(fd, flushed, position - flushed)
+                    flushed = position
+        written[name] = WrittenTensor(offset, offset + blob.nbytes, digest)
+        offset += blob.nbytes
     return 8 + len(header) + offset, written
 
 
-def read_header(f: IO[bytes], path: str) -> tuple[dict[str, Any], int, bytes]:
+def read_header(f: IO[bytes], path: str, size: int | None = None) -> tuple[dict[str, Any], int, bytes]:
     """Parse a safetensors header.
+
+    Args:
+        f: the file, positioned at its start.
+        path: its name, for error messages.
+        size: the file's size; taken from ``fstat`` when None.
 
     Returns:
         The header, the offset where tensor data begins, and the header's raw bytes.
@@ -139,7 +153,7 @@ def read_header(f: IO[bytes], path: str) -> tuple[dict[str, Any], int, bytes]:
     (n,) = struct.unpack("<Q", raw)
     if n > _MAX_HEADER:
         raise CorruptCheckpointError(f"{path}: safetensors header length {n} is implausible")
-    available = os.fstat(f.fileno()).st_size - 8
+    available = (os.fstat(f.fileno()).st_size if size is None else size) - 8
     if n > available:
         raise CorruptCheckpointError(f"{path}: truncated safetensors header ({n} bytes announced, {available} in the file)")
     body = f.read(n)

@@ -14,16 +14,22 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
 import shutil
 import socket
+import stat
 import uuid
 from collections.abc import Iterator
+from typing import IO
 
-from runstate.errors import CheckpointWriteError, LockError, StepExistsError
+from runstate.errors import CheckpointWriteError, CorruptCheckpointError, LockError, StepExistsError
+from runstate.format.manifest import MANIFEST_NAME
+from runstate.storage.base import LOCK_NAME, STEP_RE, Staging, Store, step_dirname
 
 __all__ = [
     "LEFTOVER_PREFIXES",
+    "FillDirectory",
+    "LocalStaging",
+    "LocalStore",
     "RunLock",
     "commit_directory",
     "delete_directory",
@@ -33,14 +39,7 @@ __all__ = [
     "step_dirname",
 ]
 
-STEP_RE = re.compile(r"^step-(\d+)$")
 LEFTOVER_PREFIXES = (".tmp-", ".del-")
-LOCK_NAME = ".lock"
-
-
-def step_dirname(step: int) -> str:
-    """The directory name of a committed step: ``step-000000000100``."""
-    return f"step-{step:012d}"
 
 
 def fsync_dir(path: str) -> None:
@@ -77,35 +76,139 @@ def commit_directory(final: str) -> Iterator[str]:
         StepExistsError: ``final`` already exists.
         CheckpointWriteError: an OS error while writing or committing.
     """
-    parent = os.path.dirname(os.path.abspath(final))
-    name = os.path.basename(final)
-    if os.path.lexists(final):
-        raise StepExistsError(f"{final} already exists; choose another step or path, or delete it first")
-    tmp = os.path.join(parent, f".tmp-{name}-{uuid.uuid4().hex[:12]}")
+    staging = LocalStaging.begin(final)
     try:
-        _makedirs_durable(parent)
-        os.mkdir(tmp)
-    except OSError as exc:
-        raise _write_error(exc, "cannot create", tmp) from exc
-    renamed = False
-    try:
-        yield tmp
-        fsync_dir(tmp)
-        if os.path.lexists(final):
-            raise StepExistsError(f"{final} appeared while saving; another writer uses this path")
-        os.rename(tmp, final)
-        renamed = True
-        fsync_dir(parent)
+        yield staging.location
+        staging.publish()
     except BaseException as exc:
-        if renamed:
-            # The rename is not known to be durable: take it back, so that an exception
-            # always means "not committed" and the same step can be saved again.
-            with contextlib.suppress(OSError):
-                os.rename(final, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+        staging.abort()
         if isinstance(exc, OSError) and not isinstance(exc, (StepExistsError, CheckpointWriteError)):
             raise _write_error(exc, "cannot write checkpoint", final) from exc
         raise
+
+
+class LocalStaging(Staging):
+    """A checkpoint being built in a hidden ``.tmp-<name>-<hex>`` directory next to its final name."""
+
+    parallel_writes = 1  # one local disk: sequential writes with early writeback are fastest
+
+    def __init__(self, tmp: str, final: str, *, can_commit: bool) -> None:
+        self.location = tmp
+        self.final = final
+        self.can_commit = can_commit
+        self.committed = False
+        self._written: list[str] = []
+
+    @classmethod
+    def begin(cls, final: str) -> LocalStaging:
+        """Create the temporary directory of ``final``.
+
+        Raises:
+            StepExistsError: ``final`` already exists.
+            CheckpointWriteError: the directory cannot be created.
+        """
+        parent = os.path.dirname(os.path.abspath(final))
+        name = os.path.basename(final)
+        if os.path.lexists(final):
+            raise StepExistsError(f"{final} already exists; choose another step or path, or delete it first")
+        tmp = os.path.join(parent, f".tmp-{name}-{uuid.uuid4().hex[:12]}")
+        try:
+            _makedirs_durable(parent)
+            os.mkdir(tmp)
+        except OSError as exc:
+            raise _write_error(exc, "cannot create", tmp) from exc
+        return cls(tmp, final, can_commit=True)
+
+    @contextlib.contextmanager
+    def open_write(self, name: str) -> Iterator[IO[bytes]]:
+        """A new file in the temporary directory, fsynced when the block exits."""
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a plain file name")
+        path = os.path.join(self.location, name)
+        with open(path, "xb", buffering=0) as f:
+            self._written.append(path)
+            yield f
+            os.fsync(f.fileno())
+
+    def commit(self, manifest: bytes) -> str:
+        """Write ``manifest.json`` (fsynced) and rename the directory into place."""
+        self._refuse_commit()
+        try:
+            with open(os.path.join(self.location, MANIFEST_NAME), "xb") as f:
+                f.write(manifest)
+                f.flush()
+                os.fsync(f.fileno())
+            self.publish()
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, OSError) and not isinstance(exc, (StepExistsError, CheckpointWriteError)):
+                raise _write_error(exc, "cannot write checkpoint", self.final) from exc
+            raise
+        return self.final
+
+    def publish(self) -> None:
+        """fsync the directory, rename it to its final name and fsync the parent.
+
+        If the final fsync fails the rename is taken back, so that an exception always
+        means "not committed" and the same name can be saved again.
+        """
+        fsync_dir(self.location)
+        if os.path.lexists(self.final):
+            raise StepExistsError(f"{self.final} appeared while saving; another writer uses this path")
+        os.rename(self.location, self.final)
+        try:
+            fsync_dir(os.path.dirname(self.final))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rename(self.final, self.location)
+            raise
+        self.committed = True
+
+    def abort(self) -> None:
+        """Remove the temporary directory (an attached staging removes only the files it wrote)."""
+        if self.committed:
+            return
+        if self.can_commit:
+            shutil.rmtree(self.location, ignore_errors=True)
+        else:
+            for path in self._written:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+    def write_error(self, exc: OSError) -> CheckpointWriteError:
+        """A message with a hint per errno (disk full, quota, permissions, read-only)."""
+        return _write_error(exc, "cannot write checkpoint", self.final)
+
+    def reader(self) -> Store:
+        """A store rooted at the temporary directory."""
+        return LocalStore(self.location)
+
+    def local_dir(self) -> str:
+        """The temporary directory."""
+        return self.location
+
+
+class FillDirectory(LocalStaging):
+    """An existing directory filled in place, manifest included; committing it is the caller's job.
+
+    What ``write_checkpoint(directory, ...)`` uses when given a plain path (inside
+    :func:`commit_directory`, or for tests that build a checkpoint by hand).
+    """
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory, directory, can_commit=True)
+
+    def commit(self, manifest: bytes) -> str:
+        """Write ``manifest.json`` (fsynced); no rename."""
+        with open(os.path.join(self.location, MANIFEST_NAME), "xb") as f:
+            f.write(manifest)
+            f.flush()
+            os.fsync(f.fileno())
+        self.committed = True
+        return self.location
+
+    def abort(self) -> None:
+        """Nothing: the directory belongs to the caller."""
 
 
 def _makedirs_durable(path: str) -> None:
@@ -236,3 +339,112 @@ class RunLock:
             fd, self._fd = self._fd, None
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def open_regular(path: str, name: str) -> IO[bytes]:
+    """Open a regular file that is not a symlink.
+
+    Anything else is refused before it is opened: opening a FIFO would block forever and
+    opening a device runs its driver. ``O_NOFOLLOW``, ``O_NONBLOCK`` and the ``fstat`` after
+    the open close the gap should the entry be swapped in between.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        CorruptCheckpointError: not a regular file, or it cannot be opened safely.
+    """
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise CorruptCheckpointError(
+                f"{path}: not a regular file (symlinks are refused, and so are directories, FIFOs and devices)",
+                file=name,
+            )
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except NotADirectoryError as exc:  # a parent is a file: nothing is there
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path) from exc
+    except OSError as exc:
+        raise CorruptCheckpointError(
+            f"{path}: cannot be opened safely ({exc.strerror}); symlinks are refused", file=name
+        ) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptCheckpointError(f"{path}: not a regular file", file=name)
+    return os.fdopen(fd, "rb")
+
+
+class LocalStore(Store):
+    """A directory on a local POSIX filesystem: atomic rename commits, fsync, ``flock`` lock."""
+
+    def __init__(self, location: str) -> None:
+        self.location = os.fspath(location)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.location!r})"
+
+    def join(self, name: str) -> str:
+        """``os.path.join`` of the root and ``name``."""
+        return os.path.join(self.location, name) if name else self.location
+
+    def child(self, name: str) -> LocalStore:
+        """The store of a subdirectory."""
+        return LocalStore(self.join(name))
+
+    @property
+    def is_local(self) -> bool:
+        """Always True."""
+        return True
+
+    def open_read(self, name: str) -> tuple[IO[bytes], int]:
+        """Open a regular file (never a symlink, FIFO or device) and return it with its size."""
+        f = open_regular(self.join(name), name)
+        return f, os.fstat(f.fileno()).st_size
+
+    def exists(self, name: str = "") -> bool:
+        """``os.path.lexists``."""
+        return os.path.lexists(self.join(name))
+
+    def list_committed(self) -> dict[int, str]:
+        """Committed ``step-N`` directories."""
+        return list_committed(self.location)
+
+    def list_leftovers(self) -> list[str]:
+        """``.tmp-*`` and ``.del-*`` entries."""
+        return list_leftovers(self.location)
+
+    def begin(self, name: str | int) -> LocalStaging:
+        """A hidden temporary directory next to ``name``."""
+        return LocalStaging.begin(self.join(step_dirname(name) if isinstance(name, int) else name))
+
+    def attach(self, location: str) -> LocalStaging:
+        """Write into the temporary directory ``location`` that :meth:`begin` created elsewhere."""
+        base = os.path.basename(location)
+        if not base.startswith(".tmp-") or not os.path.isdir(location):
+            raise CheckpointWriteError(
+                errno.ENOENT,
+                f"cannot attach to {location}: not the temporary directory of a checkpoint being saved; "
+                "pass the Staging.location of the process that called begin()",
+            )
+        final = os.path.join(os.path.dirname(location), base[len(".tmp-") : -13])
+        return LocalStaging(location, final, can_commit=False)
+
+    def delete(self, name: str) -> None:
+        """Rename to a hidden ``.del-`` name, then remove."""
+        delete_directory(self.join(name))
+
+    def rename(self, name: str, new_name: str) -> str:
+        """``os.rename``."""
+        src, dst = self.join(name), self.join(new_name)
+        try:
+            os.rename(src, dst)
+        except OSError as exc:
+            raise _write_error(exc, "cannot rename", src, f"it stays where it is (wanted {dst})") from exc
+        return dst
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove ``.tmp-*`` and ``.del-*`` entries."""
+        return remove_leftovers(self.location)
+
+    def lock(self) -> RunLock:
+        """An ``flock`` on ``<dir>/.lock``."""
+        return RunLock(self.location)
