@@ -65,7 +65,7 @@ def test_ddp_writes_replicated_items_once_and_per_rank_items_per_rank(tmp_path: 
     assert manifest["ranks"] == {"world_size": 2, "per_rank": ["rng", "data"]}
     assert sorted(manifest["items"]) == ["data@rank0", "data@rank1", "model", "optimizer", "rng@rank0", "rng@rank1", "scheduler"]
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
-        ["manifest.json", "model.safetensors", "optimizer.safetensors", "rng_rank0.safetensors", "rng_rank1.safetensors", "data_rank0.safetensors", "data_rank1.safetensors"]
+        ["manifest.json", "model.safetensors", "optimizer.safetensors", "rng_rank0.safetensors", "rng_rank1.safetensors", "data_rank0.safetensors", "data_rank1.safetensors", "rank-00000.part.json", "rank-00001.part.json"]
     )
     assert runstate.verify(ckpt).ok
     # the two ranks really saved different data positions

@@ -11,6 +11,7 @@ complete, then pauses: the parent kills it while the other files are still being
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Any
 
@@ -29,10 +30,13 @@ def state(step: int, big: bool) -> dict[str, Any]:
 def main() -> None:
     endpoint, url = sys.argv[1], sys.argv[2]
     real = checkpoint_module._write_file
+    printing = threading.Lock()  # files finish in parallel threads: one whole line each
 
     def reporting(*args: Any, **kwargs: Any) -> Any:
         out = real(*args, **kwargs)
-        print("uploaded", flush=True)
+        with printing:
+            sys.stdout.write("uploaded\n")
+            sys.stdout.flush()
         time.sleep(0.5)
         return out
 
