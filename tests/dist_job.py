@@ -77,7 +77,10 @@ def ddp_train(rank: int, world: int, args: argparse.Namespace) -> None:
         state["rng"] = runstate.RNG()
         state["data"] = runstate.PerRank(DataPosition(rank))
     data = state["data"].value if "data" in state else DataPosition(rank)
-    with runstate.CheckpointManager(args.run_dir, save_every_steps=args.save_every, keep_last=2) as mgr:
+    options = _storage_options(args)
+    with runstate.CheckpointManager(
+        args.run_dir, save_every_steps=args.save_every, keep_last=2, storage_options=options
+    ) as mgr:
         if args.variant == "weights-only":
             start = mgr.restore({"model": model}, strict=False) or 0
         else:
@@ -99,6 +102,18 @@ def ddp_train(rank: int, world: int, args: argparse.Namespace) -> None:
     out = {"rank": rank, "start": start, "losses": losses, "params": digest(dict(model.module.state_dict()))}
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(out, f)
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """s3fs options for the test's moto server (dummy credentials), when given one."""
+    if not args.s3_endpoint:
+        return None
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": args.s3_endpoint, "region_name": "us-east-1"},
+        "skip_instance_cache": True,
+    }
 
 
 def _kill_during_write(rank: int) -> None:
@@ -232,6 +247,7 @@ def main() -> None:
     p.add_argument("--kill-when", default="before-save")
     p.add_argument("--action", default="save")
     p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--s3-endpoint", default="")
     args = p.parse_args()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
     torch.set_num_threads(1)

@@ -92,6 +92,36 @@ def test_ddp_rank_killed_mid_save_commits_nothing_and_resume_is_exact(
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]  # cleaned by the next save
 
 
+def test_ddp_on_s3_rank_killed_mid_upload_resumes_exactly(
+    tmp_path: Path, uninterrupted: list[dict[str, Any]], s3_endpoint: str, s3_bucket: str
+) -> None:
+    """The same protocol on an object store: ranks write under the step prefix, rank 0's
+    manifest (written last) commits; a rank killed mid-upload leaves no manifest."""
+    import boto3
+
+    url, out = f"s3://{s3_bucket}/ddp", tmp_path / "out"
+    s3 = ("--s3-endpoint", s3_endpoint)
+    killed = job("ddp", 2, url, out, "--kill-rank", 1, "--kill-step", 15, "--kill-when", "mid-save", *s3, check=False)
+    assert killed.returncode != 0
+    client = boto3.client(
+        "s3", endpoint_url=s3_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="ddp/")["Contents"]}
+    assert "ddp/step-000000000010/manifest.json" in keys
+    assert "ddp/step-000000000015/manifest.json" not in keys
+    assert any(k.startswith("ddp/step-000000000015/") for k in keys)  # the partial upload, invisible
+    job("ddp", 2, url, out, *s3)
+    for ref, got in zip(uninterrupted, results(out)):
+        assert got["start"] == 10
+        assert got["losses"] == ref["losses"][10:] and got["params"] == ref["params"]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="ddp/")["Contents"]}
+    assert {k.split("/")[1] for k in keys if k.split("/")[1].startswith("step-")} == {
+        "step-000000000015",
+        "step-000000000020",
+    }  # keep_last=2: the leftover was replaced by a committed step 15
+
+
 def test_ddp_rank_killed_between_saves_resumes_exactly(tmp_path: Path, uninterrupted: list[dict[str, Any]]) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
     killed = job("ddp", 2, run, out, "--kill-rank", 0, "--kill-step", 12, check=False)
