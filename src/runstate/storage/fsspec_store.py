@@ -269,28 +269,36 @@ class FsspecStore(Store):
         self.fs.invalidate_cache(self.path(name))
         return bool(self.fs.exists(self.path(name)))
 
-    def _scan(self) -> dict[str, set[str]]:
-        """Top-level names under the root and the files each holds (one listing)."""
+    def _steps(self) -> dict[str, bool]:
+        """Every ``step-N`` name under the root, and whether it holds a ``manifest.json``.
+
+        One delimited listing of the root, then one existence check per step (in parallel):
+        the cost grows with the number of steps, not with the number of objects (a step
+        written by 1,000 processes holds thousands of them).
+        """
         self.fs.invalidate_cache(self.root)
         try:
-            found = self.fs.find(self.root)
+            entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
             return {}
-        prefix = self.root + "/"
-        out: dict[str, set[str]] = {}
-        for path in found:
-            if not path.startswith(prefix):
-                continue
-            top, _, rest = path[len(prefix) :].partition("/")
-            out.setdefault(top, set()).add(rest)
-        return out
+        names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
+        steps = sorted(n for n in names if STEP_RE.match(n))
+
+        def has_manifest(name: str) -> bool:
+            self.fs.invalidate_cache(self.path(name))
+            return bool(self.fs.exists(self.path(f"{name}/{MANIFEST_NAME}")))
+
+        if len(steps) <= 1:
+            return {name: has_manifest(name) for name in steps}
+        with ThreadPoolExecutor(max_workers=min(16, len(steps)), thread_name_prefix="runstate-list") as pool:
+            return dict(zip(steps, pool.map(has_manifest, steps), strict=True))
 
     def list_committed(self) -> dict[int, str]:
         """``step-N`` prefixes holding a ``manifest.json``."""
         out: dict[int, str] = {}
-        for name, files in self._scan().items():
+        for name, committed in self._steps().items():
             m = STEP_RE.match(name)
-            if m and MANIFEST_NAME in files:
+            if m and committed:
                 out[int(m.group(1))] = self.join(name)
         return dict(sorted(out.items()))
 
@@ -298,8 +306,8 @@ class FsspecStore(Store):
         """``step-N`` prefixes without ``manifest.json``: interrupted saves or deletions."""
         return sorted(
             self.join(name)
-            for name, files in self._scan().items()
-            if STEP_RE.match(name) and MANIFEST_NAME not in files
+            for name, committed in self._steps().items()
+            if not committed
         )
 
     # -- writing -------------------------------------------------------------------------------
@@ -350,7 +358,10 @@ class FsspecStore(Store):
 
     def rename(self, name: str, new_name: str) -> str:
         """Copy every object (``manifest.json`` last), then delete the original."""
-        files = sorted(self._scan().get(name, ()), key=lambda f: f == MANIFEST_NAME)
+        self.fs.invalidate_cache(self.path(name))
+        prefix = self.path(name) + "/"
+        found = [str(p)[len(prefix) :] for p in self.fs.find(self.path(name)) if str(p).startswith(prefix)]
+        files = sorted(found, key=lambda f: f == MANIFEST_NAME)
         try:
             self.make_dirs(new_name)
             for f in files:
