@@ -2,7 +2,7 @@
 
 Starts a moto S3 server on 127.0.0.1 (no other network), writes 3 steps of N tiny objects
 each, and times ``list_committed`` (one delimited LIST, then one existence check of
-``manifest.json`` per step) against a single delimited LIST request. docs/scaling.md.
+``manifest.json`` per step) against a single delimited LIST request. See docs/scaling.md.
 
     python benchmarks/s3_listing.py
 """
@@ -17,24 +17,49 @@ from moto.server import ThreadedMotoServer
 
 from runstate.storage import open_store
 
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False); srv.start()
-host, port = srv.get_host_and_port(); ep = f"http://{host}:{port}"
-c = boto3.client("s3", endpoint_url=ep, aws_access_key_id="t", aws_secret_access_key="t", region_name="us-east-1")
-opts = {"key": "t", "secret": "t", "client_kwargs": {"endpoint_url": ep, "region_name": "us-east-1"}, "skip_instance_cache": True}
-for files in (10, 100, 1000, 3000):
-    b = f"b{files}"; c.create_bucket(Bucket=b)
-    for step in range(3):
-        for i in range(files):
-            c.put_object(Bucket=b, Key=f"run/step-{step:012d}/f{i}.safetensors", Body=b"x")
-        c.put_object(Bucket=b, Key=f"run/step-{step:012d}/manifest.json", Body=b"{}")
-    store = open_store(f"s3://{b}/run", storage_options=opts)
-    store.list_committed()
-    t = time.perf_counter(); n = 5
-    for _ in range(n): steps = store.list_committed()
-    dt = (time.perf_counter() - t) / n
-    t = time.perf_counter()
-    for _ in range(n): c.list_objects_v2(Bucket=b, Prefix="run/", Delimiter="/")
-    dl = (time.perf_counter() - t) / n
-    print(f"{files} files/step x 3 steps: list_committed {dt*1000:.0f} ms ({len(steps)} steps); one delimiter LIST {dl*1000:.0f} ms")
-srv.stop()
+REPEATS = 5
+
+
+def main() -> None:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="t", aws_secret_access_key="t", region_name="us-east-1"
+    )
+    options = {
+        "key": "t",
+        "secret": "t",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        "skip_instance_cache": True,
+    }
+    try:
+        for files in (10, 100, 1000, 3000):
+            bucket = f"b{files}"
+            client.create_bucket(Bucket=bucket)
+            for step in range(3):
+                for i in range(files):
+                    client.put_object(Bucket=bucket, Key=f"run/step-{step:012d}/f{i}.safetensors", Body=b"x")
+                client.put_object(Bucket=bucket, Key=f"run/step-{step:012d}/manifest.json", Body=b"{}")
+            store = open_store(f"s3://{bucket}/run", storage_options=options)
+            store.list_committed()
+            started = time.perf_counter()
+            for _ in range(REPEATS):
+                steps = store.list_committed()
+            listed = (time.perf_counter() - started) / REPEATS
+            started = time.perf_counter()
+            for _ in range(REPEATS):
+                client.list_objects_v2(Bucket=bucket, Prefix="run/", Delimiter="/")
+            one = (time.perf_counter() - started) / REPEATS
+            print(
+                f"{files:>5} objects/step x 3 steps: list_committed {listed * 1000:.0f} ms "
+                f"({len(steps)} steps); one delimited LIST {one * 1000:.0f} ms"
+            )
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
