@@ -178,7 +178,7 @@ def sharded(rank: int, world: int, args: argparse.Namespace) -> None:
     if args.action == "save":
         train_steps(model, opt, 3, seed=5)
         with runstate.CheckpointManager(args.run_dir) as mgr:
-            mgr.save(3, state)
+            mgr.save(3, state, verify=True)  # rank 0 reads every rank's files back before committing
         result = full_state(model, opt)
         train_steps(model, opt, 2, seed=6)
         result["after"] = full_state(model, opt)["digest"]

@@ -313,8 +313,6 @@ class CheckpointManager:
 
     def _save_together(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None, verify: bool) -> None:
         """Save from every process of the group (rank 0 commits; see :mod:`runstate.parallel`)."""
-        if verify:
-            raise CheckpointError("save(verify=True) is not supported under torch.distributed yet")
 
         def start() -> None:  # on rank 0 only
             self._lock.acquire()
@@ -325,8 +323,18 @@ class CheckpointManager:
             self._move_aside_if_corrupt(step)
 
         started = time.monotonic()
+        def check(staging: Staging, manifest: bytes) -> None:  # rank 0, every process's files durable
+            self._read_back(staging, step)(manifest)
+
         save_together(
-            self._group, self._store, step_dirname(step), state, step=step, metrics=metrics, before_start=start
+            self._group,
+            self._store,
+            step_dirname(step),
+            state,
+            step=step,
+            metrics=metrics,
+            before_start=start,
+            before_commit=check if verify else None,
         )
         if self._group.rank == 0:
             logger.info(

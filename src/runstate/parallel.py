@@ -166,6 +166,7 @@ def save_together(
     step: int | None,
     metrics: Mapping[str, Any] | None,
     before_start: Callable[[], None] | None = None,
+    before_commit: Callable[[Staging, bytes], None] | None = None,
 ) -> None:
     """Save ``state`` as the checkpoint ``name`` of ``store`` from every process of ``group``.
 
@@ -173,6 +174,8 @@ def save_together(
 
     Args:
         before_start: called on rank 0 before the checkpoint is started (lock, leftovers).
+        before_commit: called on rank 0 with the staging and the manifest once every file is
+            durable, before the commit (e.g. to read everything back); raising aborts.
 
     Raises:
         CheckpointError: this or another process failed; nothing was committed.
@@ -220,7 +223,7 @@ def save_together(
     if staging is not None:
         try:
             per_rank = [n for n, v in state.items() if is_per_rank(v)]
-            _commit(staging, part, group.size, step, metric_values, per_rank)
+            _commit(staging, part, group.size, step, metric_values, per_rank, before_commit)
         except CheckpointError as exc:
             error, committed = exc, 0
     if group.all_min(committed) == 0:
@@ -234,6 +237,7 @@ def _commit(
     step: int | None,
     metrics: dict[str, Any],
     per_rank: list[str],
+    before_commit: Callable[[Staging, bytes], None] | None = None,
 ) -> None:
     """Merge every process's part into the manifest and commit (rank 0)."""
     parts = [own]
@@ -253,7 +257,10 @@ def _commit(
             files=written,
             ranks=RankInfo(world_size, tuple(per_rank)),
         )
-        staging.commit(manifest.to_json_bytes())
+        raw = manifest.to_json_bytes()
+        if before_commit is not None:
+            before_commit(staging, raw)
+        staging.commit(raw)
     except (OSError, ValueError) as exc:
         staging.abort()
         if isinstance(exc, CheckpointError):
