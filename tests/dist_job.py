@@ -98,6 +98,8 @@ def ddp_train(rank: int, world: int, args: argparse.Namespace) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if args.kill_rank == rank and step + 1 == args.kill_step and args.kill_when == "mid-save":
                 _kill_during_write(rank)
+            if args.kill_rank == rank and step + 1 == args.kill_step and args.kill_when == "before-commit":
+                _kill_before_commit()
             mgr.save(step + 1, state)
     out = {"rank": rank, "start": start, "losses": losses, "params": digest(dict(model.module.state_dict()))}
     with open(f"{args.out}.rank{rank}.json", "w") as f:
@@ -131,6 +133,16 @@ def _kill_during_write(rank: int) -> None:
     import runstate.parallel
 
     runstate.parallel.write_safetensors = dying  # type: ignore[assignment]
+
+
+def _kill_before_commit() -> None:
+    """SIGKILL rank 0 once every rank's files are durable, just before it commits."""
+    import runstate.parallel
+
+    def dying(*a: Any, **k: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    runstate.parallel._commit = dying  # type: ignore[assignment]
 
 
 def fsdp_model(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

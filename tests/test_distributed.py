@@ -73,11 +73,16 @@ def test_ddp_writes_replicated_items_once_and_per_rank_items_per_rank(tmp_path: 
     assert not torch.equal(stored["data@rank0"]["gen"], stored["data@rank1"]["gen"])
 
 
+@pytest.mark.parametrize(
+    ("rank", "when"),
+    [(1, "mid-save"), (0, "mid-save"), (0, "before-commit")],
+    ids=["rank 1 mid-write", "rank 0 mid-write", "rank 0 after every rank's files, before commit"],
+)
 def test_ddp_rank_killed_mid_save_commits_nothing_and_resume_is_exact(
-    tmp_path: Path, uninterrupted: list[dict[str, Any]]
+    tmp_path: Path, uninterrupted: list[dict[str, Any]], rank: int, when: str
 ) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
-    killed = job("ddp", 2, run, out, "--kill-rank", 1, "--kill-step", 15, "--kill-when", "mid-save", check=False)
+    killed = job("ddp", 2, run, out, "--kill-rank", rank, "--kill-step", 15, "--kill-when", when, check=False)
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr
     names = sorted(p.name for p in run.iterdir())
     assert "step-000000000015" not in names  # rank 0 never committed without rank 1's files
