@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,8 +98,8 @@ def main() -> None:
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         mp.spawn(run, args=(2, args, sharded, True), nprocs=2, join=True)
-        a: dict[str, Any] = json.loads(open(single).read())
-        b: dict[str, Any] = json.loads(open(sharded).read())
+        a: dict[str, Any] = json.loads(Path(single).read_text())
+        b: dict[str, Any] = json.loads(Path(sharded).read_text())
     gib = args.width * (args.width + 1) * args.layers * 4 * 3 / 2**30
     print(f"state: {gib:.2f} GiB (fp32 params + Adam moments), median of {REPEATS}")
     print(f"{'':24} {'save (s)':>9} {'restore (s)':>12}")
