@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -229,7 +230,85 @@ def per_rank_resize(rank: int, world: int, args: argparse.Namespace) -> None:
             json.dump(result, f)
 
 
-SCENARIOS = {"ddp": ddp_train, "sharded": sharded, "resize": per_rank_resize}
+def _outcome(fn: Any) -> str:
+    """``"ok"`` or the name of the exception ``fn`` raised."""
+    try:
+        fn()
+    except Exception as exc:  # the test compares exception types across ranks
+        return type(exc).__name__
+    return "ok"
+
+
+def edge(rank: int, world: int, args: argparse.Namespace) -> None:
+    """Failures on one rank only: every rank must raise the same kind of error, none may hang."""
+    import numpy as np
+
+    result: dict[str, Any] = {}
+    run = args.run_dir
+    if args.action == "differ":  # the ranks save / restore different items
+        model, opt = plain_model()
+        state: dict[str, Any] = {"model": model, "optimizer": opt}
+        with runstate.CheckpointManager(run) as mgr:
+            mgr.save(1, state)
+            extra = {**state, "only_on_rank1": {"x": 1}} if rank == 1 else state
+            result["save"] = _outcome(lambda: mgr.save(2, extra))
+            result["restore"] = _outcome(lambda: mgr.restore(extra))
+            result["steps"] = mgr.steps()
+    elif args.action == "write-fails":  # rank 1 fails while writing its files
+        model, opt = plain_model()
+        state = {"model": model, "rng": runstate.RNG()}
+        if rank == 1:
+            from runstate import parallel
+
+            def failing(*a: Any, **k: Any) -> Any:
+                raise MemoryError("simulated: no memory for a host copy")
+
+            parallel.write_safetensors = failing  # type: ignore[assignment]
+        with runstate.CheckpointManager(run) as mgr:
+            result["save"] = _outcome(lambda: mgr.save(1, state))
+            dist.barrier()
+            result["steps"] = mgr.steps()
+            result["leftovers"] = mgr.leftovers()
+    elif args.action == "mismatch-and-corrupt":  # rank 0's state mismatches, rank 1's file is damaged
+        model, opt = plain_model()
+        with runstate.CheckpointManager(run) as mgr:
+            mgr.save(1, {"model": model, "rng": runstate.RNG()})
+            dist.barrier()
+            if rank == 0:
+                damaged = Path(run) / "step-000000000001" / "rng_rank1.safetensors"
+                raw = bytearray(damaged.read_bytes())
+                raw[-1] ^= 0xFF
+                damaged.write_bytes(bytes(raw))
+            dist.barrier()
+            live = torch.nn.Linear(3, 3) if rank == 0 else make_model()
+            result["restore"] = _outcome(lambda: mgr.restore({"model": live, "rng": runstate.RNG()}))
+    elif args.action == "numpy-in-sharded":  # a sharded item also holding a NumPy array
+        model, opt = fsdp_model(world)
+        holder = {"model": model, "table": np.arange(6, dtype=np.float32)}
+        with runstate.CheckpointManager(run) as mgr:
+            mgr.save(1, {"both": holder}, verify=True)
+            result["verify"] = runstate.verify(f"{run}/step-000000000001").ok
+            fresh = {"both": {"model": fsdp_model(world)[0], "table": np.zeros(6, dtype=np.float32)}}
+            result["restore"] = _outcome(lambda: mgr.restore(fresh))
+            result["table"] = fresh["both"]["table"].tolist()
+    elif args.action == "shard-fallback-save":
+        model, opt = fsdp_model(world)
+        with runstate.CheckpointManager(run, keep_last=None) as mgr:
+            train_steps(model, opt, 2, seed=1)
+            mgr.save(1, {"model": model, "optimizer": opt})
+            result["digest1"] = full_state(model, opt)["digest"]
+            train_steps(model, opt, 2, seed=2)
+            mgr.save(2, {"model": model, "optimizer": opt})
+    elif args.action == "shard-fallback-restore":
+        model, opt = fsdp_model(world)
+        with runstate.CheckpointManager(run) as mgr:
+            result["step"] = mgr.restore({"model": model, "optimizer": opt})
+        result["digest"] = full_state(model, opt)["digest"]
+    with open(f"{args.out}.rank{rank}.json", "w") as f:
+        json.dump(result, f)
+
+
+SCENARIOS = {"ddp": ddp_train, "sharded": sharded, "resize": per_rank_resize, "edge": edge}
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace) -> None:

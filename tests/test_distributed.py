@@ -270,3 +270,44 @@ def test_per_rank_in_one_process_saves_and_restores_the_value(tmp_path: Path) ->
     assert live.value == {"seen": 3}
     with pytest.raises(runstate.UnsupportedTypeError, match="on_resize"):
         runstate.PerRank(1, on_resize="average")
+
+
+def test_damaged_block_of_a_sharded_item_falls_back_on_every_rank(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    job("edge", 2, run, tmp_path / "saved", "--action", "shard-fallback-save")
+    saved = results(tmp_path / "saved")
+    damaged = run / "step-000000000002" / "model.rank00001.safetensors"
+    raw = bytearray(damaged.read_bytes())
+    raw[-2] ^= 0x10
+    damaged.write_bytes(bytes(raw))
+    job("edge", 2, run, tmp_path / "restored", "--action", "shard-fallback-restore")
+    for got in results(tmp_path / "restored"):
+        assert got["step"] == 1  # DCP's failure on rank 1 is recognised as damage, on both ranks
+        assert got["digest"] == saved[0]["digest1"]
+
+
+def test_different_items_on_the_ranks_raise_on_every_rank(tmp_path: Path) -> None:
+    job("edge", 2, tmp_path / "run", tmp_path / "out", "--action", "differ")
+    for got in results(tmp_path / "out"):
+        assert got["save"] == "StateMismatchError"  # not a hang, not a silently dropped item
+        assert got["restore"] == "StateMismatchError"
+        assert got["steps"] == [1]
+
+
+def test_one_rank_failing_to_write_fails_every_rank_and_commits_nothing(tmp_path: Path) -> None:
+    job("edge", 2, tmp_path / "run", tmp_path / "out", "--action", "write-fails")
+    for got in results(tmp_path / "out"):
+        assert got["save"] == "CheckpointWriteError"
+        assert got["steps"] == [] and got["leftovers"] == []
+
+
+def test_mismatch_on_one_rank_and_damage_on_another_raise_the_same_error(tmp_path: Path) -> None:
+    job("edge", 2, tmp_path / "run", tmp_path / "out", "--action", "mismatch-and-corrupt")
+    assert [got["restore"] for got in results(tmp_path / "out")] == ["StateMismatchError"] * 2
+
+
+def test_sharded_item_holding_a_numpy_array(tmp_path: Path) -> None:
+    job("edge", 2, tmp_path / "run", tmp_path / "out", "--action", "numpy-in-sharded")
+    for got in results(tmp_path / "out"):
+        assert got["verify"] is True and got["restore"] == "ok"
+        assert got["table"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

@@ -9,10 +9,11 @@ group of one. Nothing here imports a framework.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Group", "SingleProcess", "current_group"]
+__all__ = ["Group", "SingleProcess", "current_group", "same_everywhere"]
 
 
 @runtime_checkable
@@ -93,3 +94,14 @@ def current_group(group: Any = None) -> Group:
 
         return TorchGroup(group)
     return SingleProcess()
+
+
+def same_everywhere(group: Group, text: str) -> bool:
+    """True when every process passed the same ``text`` (compared by a 63-bit hash).
+
+    Collective: every process must call it. Two collectives, whatever the text's length.
+    """
+    if group.size == 1:
+        return True
+    digest = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") >> 1
+    return group.all_min(digest) == group.all_max(digest)

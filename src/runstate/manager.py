@@ -465,11 +465,13 @@ class CheckpointManager:
             self._restore_from(self._existing(step), state, strict, rename)
             return step
         skipped: list[str] = []
-        committed = self._store.list_committed()
-        if self._group.distributed:  # every process tries the same steps, in the same order
+        if self._group.distributed:  # rank 0 lists; every process tries the same steps, in the same order
+            committed = self._store.list_committed() if self._group.rank == 0 else {}
             listed = self._group.broadcast_text(",".join(map(str, committed)))
             steps = [int(s) for s in listed.split(",") if s]
             committed = {s: self._store.join(step_dirname(s)) for s in steps}
+        else:
+            committed = self._store.list_committed()
         for candidate, path in reversed(committed.items()):
             try:
                 self._restore_from(self._store.child(step_dirname(candidate)), state, strict, rename)
@@ -496,10 +498,19 @@ class CheckpointManager:
         strict: bool,
         rename: Mapping[str, Sequence[tuple[str, str]]] | None,
     ) -> None:
+        error: CheckpointError | None = None
         try:
             reader = CheckpointReader(store)
         except CheckpointNotFoundError as exc:  # a committed directory always has a manifest
-            raise CorruptCheckpointError(f"{store.location}: {MANIFEST_NAME} is missing", file=MANIFEST_NAME) from exc
+            error = CorruptCheckpointError(f"{store.location}: {MANIFEST_NAME} is missing", file=MANIFEST_NAME)
+            error.__cause__ = exc
+        except CheckpointError as exc:
+            error = exc
+        if self._group.distributed and self._group.all_min(0 if error else 1) == 0 and error is None:
+            reader.close()  # another process cannot read this manifest: all of them skip it alike
+            error = CorruptCheckpointError(f"{store.location}: another process cannot read {MANIFEST_NAME}")
+        if error is not None:
+            raise error
         with reader:
             self.last_restore_report = restore_state(reader, state, strict=strict, rename=rename, group=self._group)
 

@@ -20,12 +20,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from runstate.checkpoint import DEFAULT_SHARD_BYTES, _file_names, _metric_value, _shards, _versions, encode_state
 from runstate.distributed import is_per_rank
-from runstate.errors import CheckpointError, CheckpointWriteError
+from runstate.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    LockError,
+    StateMismatchError,
+    StepExistsError,
+    UnsupportedTypeError,
+)
 from runstate.format.manifest import (
     Manifest,
     RankInfo,
@@ -36,7 +44,7 @@ from runstate.format.manifest import (
 from runstate.format.safetensors_io import file_metadata, write_safetensors
 from runstate.format.tensors import TensorBlob
 from runstate.format.tree import Encoder
-from runstate.group import Group
+from runstate.group import Group, same_everywhere
 from runstate.storage.base import Staging, Store
 
 __all__ = ["save_together"]
@@ -48,21 +56,37 @@ def _part_name(rank: int) -> str:
     return f"rank-{rank:05d}{_PART_SUFFIX}"
 
 
-def _encode(state: Mapping[str, Any], group: Group) -> tuple[dict[str, tuple[dict[str, Any], Encoder]], set[str]]:
-    """This process's items by stored name, and which of them are sharded."""
+_RANK_SUFFIX = re.compile(r"@rank\d+$")
+
+
+def _encode(
+    state: Mapping[str, Any], group: Group
+) -> tuple[dict[str, tuple[dict[str, Any], Encoder]], set[str], str]:
+    """This process's items by stored name, which of them are sharded, and the state's layout
+    (item names and kinds) that every process must share."""
+    for name in state:
+        if _RANK_SUFFIX.search(name):
+            raise UnsupportedTypeError(
+                f"item name {name!r}: names ending in @rank<N> are reserved for per-rank copies; rename the item"
+            )
     encoded = encode_state(state)
     mine: dict[str, tuple[dict[str, Any], Encoder]] = {}
     sharded: set[str] = set()
+    layout = []
     for name, value in state.items():
         tree, enc = encoded[name]
         if is_per_rank(value):
             mine[per_rank_name(name, group.rank)] = (tree, enc)
+            layout.append((name, "per-rank"))
         elif any("dtensor" in blob.meta for blob in enc.blobs.values()):
             mine[name] = (tree, enc)
             sharded.add(name)
-        elif group.rank == 0:
-            mine[name] = (tree, enc)
-    return mine, sharded
+            layout.append((name, "sharded"))
+        else:
+            if group.rank == 0:
+                mine[name] = (tree, enc)
+            layout.append((name, "replicated"))
+    return mine, sharded, repr(sorted(layout))
 
 
 def _write_part(
@@ -94,7 +118,8 @@ def _write_part(
             shards = _shards(blobs, DEFAULT_SHARD_BYTES)
             base = f"{name}.rank{rank:05d}" if name in sharded else name
             fnames = _file_names(base, len(shards), taken)
-            metadata = file_metadata(name, (b.lib for _, b in blobs))
+            # from every tensor of the item, not only this process's: readers expect one metadata
+            metadata = file_metadata(name, (b.lib for b in enc.blobs.values()))
             for fname, shard in zip(fnames, shards, strict=True):
                 with staging.open_write(fname) as f:
                     size, written = write_safetensors(f, shard, metadata)
@@ -181,53 +206,86 @@ def save_together(
         CheckpointError: this or another process failed; nothing was committed.
     """
     final = store.join(name)
-    error: BaseException | None = None
+    error: Exception | None = None
     metric_values: dict[str, Any] = {}
     items: dict[str, tuple[dict[str, Any], Encoder]] = {}
     sharded: set[str] = set()
+    layout = ""
     try:
+        if metrics is not None and not isinstance(metrics, Mapping):
+            raise UnsupportedTypeError(f"metrics must be a dict of names to numbers, got {type(metrics).__qualname__}")
         metric_values = {str(k): _metric_value(str(k), v) for k, v in (metrics or {}).items()}
-        items, sharded = _encode(state, group)
-    except CheckpointError as exc:
+        items, sharded, layout = _encode(state, group)
+    except Exception as exc:  # every process must reach the agreement below, whatever failed
         error = exc
     if group.all_min(0 if error else 1) == 0:
-        raise error or CheckpointError(f"{final}: another process could not encode its state (see its error)")
+        raise _as_checkpoint_error(error, final, "another process could not encode its state (see its error)")
+    if not same_everywhere(group, layout):
+        raise StateMismatchError(
+            f"{final}: the processes save different items or kinds of items; every process must save the same "
+            f"item names, with the same ones per-rank and sharded (this one: {layout}); nothing was written"
+        )
     staging: Staging | None = None
     if group.rank == 0:
         try:
             if before_start is not None:
                 before_start()
             staging = store.begin(name)
-        except CheckpointError as exc:
+        except Exception as exc:
             error = exc
-    location = group.broadcast_text(staging.location if staging is not None else "")
-    if not location:
-        raise error or CheckpointWriteError(0, f"{final}: rank 0 could not start the checkpoint (see its error)")
+    # rank 0 sends where to write, or the kind of error that stopped it (raised alike everywhere)
+    message = staging.location if staging is not None else f"\0{type(error).__name__}\0{error}"
+    message = group.broadcast_text(message)
+    if message.startswith("\0"):
+        if error is not None:
+            raise _as_checkpoint_error(error, final, "")
+        kind, _, text = message[1:].partition("\0")
+        raise _rank0_error(kind, f"{final}: rank 0 could not start the checkpoint: {text}")
     part: dict[str, Any] = {}
     mine = staging
     try:
         if mine is None:
-            mine = store.attach(location)
+            mine = store.attach(message)
         part = _write_part(mine, items, sharded, group.rank)
-    except (CheckpointError, OSError, RuntimeError) as exc:
+    except Exception as exc:
         error = exc
     if group.all_min(0 if error else 1) == 0:
         if mine is not None:
             mine.abort()
-        if isinstance(error, CheckpointError):
-            raise error
-        if error is not None:
-            raise CheckpointWriteError(0, f"{final}: writing this process's files failed: {error}") from error
-        raise CheckpointWriteError(0, f"{final}: another process failed to write its files; nothing was committed")
+        raise _as_checkpoint_error(
+            error, final, "another process failed to write its files (see its error); nothing was committed"
+        )
     committed = 1
     if staging is not None:
         try:
             per_rank = [n for n, v in state.items() if is_per_rank(v)]
             _commit(staging, part, group.size, step, metric_values, per_rank, before_commit)
-        except CheckpointError as exc:
+        except Exception as exc:
             error, committed = exc, 0
     if group.all_min(committed) == 0:
-        raise error or CheckpointWriteError(0, f"{final}: rank 0 could not commit the checkpoint (see its error)")
+        raise _as_checkpoint_error(error, final, "rank 0 could not commit the checkpoint (see its error)")
+
+
+def _as_checkpoint_error(error: Exception | None, where: str, otherwise: str) -> CheckpointError:
+    """This process's error as a CheckpointError, or ``otherwise`` when another process failed."""
+    if error is None:
+        return CheckpointWriteError(0, f"{where}: {otherwise}")
+    if isinstance(error, CheckpointError):
+        return error
+    wrapped = CheckpointWriteError(0, f"{where}: {error!r}; nothing was committed")
+    wrapped.__cause__ = error
+    return wrapped
+
+
+def _rank0_error(kind: str, message: str) -> CheckpointError:
+    """The error rank 0 raised, rebuilt by name on the other processes (same type everywhere)."""
+    if kind == "StepExistsError":
+        return StepExistsError(message)
+    if kind == "LockError":
+        return LockError(0, message)
+    if kind in ("CorruptCheckpointError", "StateMismatchError", "UnsupportedTypeError"):
+        return CheckpointError(message)
+    return CheckpointWriteError(0, message)
 
 
 def _commit(
@@ -261,11 +319,9 @@ def _commit(
         if before_commit is not None:
             before_commit(staging, raw)
         staging.commit(raw)
-    except (OSError, ValueError) as exc:
-        staging.abort()
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointWriteError(0, f"{staging.final}: cannot merge the processes' parts: {exc}") from exc
     except CheckpointError:
         staging.abort()
         raise
+    except Exception as exc:
+        staging.abort()
+        raise CheckpointWriteError(0, f"{staging.final}: cannot merge the processes' parts: {exc!r}") from exc

@@ -20,7 +20,7 @@ from runstate.distributed import PerRank, is_per_rank, on_resize, unwrap
 from runstate.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
 from runstate.format.manifest import per_rank_name
 from runstate.format.tree import NamedTupleState, StatefulState, format_path
-from runstate.group import Group, SingleProcess
+from runstate.group import Group, SingleProcess, same_everywhere
 from runstate.reader import CheckpointReader
 from runstate.registry import Registration, registry
 from runstate.stateful import is_stateful
@@ -509,7 +509,14 @@ def plan_restore(
     if group.distributed:
         from runstate.adapters.torch_dist import preload_sharded
 
-        for key, stored_key in names.items():  # collective: the same order on every process
+        layout = sorted((key, stored_key == key, stored_key in stored_items) for key, stored_key in names.items())
+        if not same_everywhere(group, repr(layout)):
+            raise StateMismatchError(
+                f"{reader.path}: the processes restore different items or kinds of items; every process must "
+                f"pass the same item names, with the same ones per-rank (this one: {[k for k, _, _ in layout]})"
+            )
+        for key in sorted(names):  # collective: the same items in the same order on every process
+            stored_key = names[key]
             if stored_key in stored_items:
                 for name, value in preload_sharded(reader, key, stored_key, unwrap(state[key]), group).items():
                     reader.preloaded[stored_key, name] = value
@@ -548,21 +555,36 @@ def restore_state(
     if group.size == 1:
         return plan_restore(reader, state, strict=strict, rename=rename, group=group).apply()
     status = _OK
-    error_: CheckpointError | None = None
+    error: Exception | None = None
     try:
         pending = plan_restore(reader, state, strict=strict, rename=rename, group=group)
     except CorruptCheckpointError as exc:
-        status, error_ = _CORRUPT, exc
-    except CheckpointError as exc:
-        status, error_ = _FAILED, exc
-    agreed = group.all_min(status)
-    if error_ is not None:
-        raise error_
+        status, error = _CORRUPT, exc
+    except StateMismatchError as exc:
+        status, error = _MISMATCH, exc
+    except Exception as exc:  # every process must reach the agreement below, whatever failed
+        status, error = _FAILED, exc
+    agreed = group.all_min(status)  # the worst outcome wins, and every process raises its kind
+    if agreed == _OK:
+        return pending.apply()
+    where = f"{reader.path}: restoring on {group.size} processes"
     if agreed == _CORRUPT:
-        raise CorruptCheckpointError(f"{reader.path}: another process found this checkpoint damaged (see its log)")
-    if agreed == _FAILED:
-        raise CheckpointError(f"{reader.path}: another process could not restore its part (see its error)")
-    return pending.apply()
+        if isinstance(error, CorruptCheckpointError):
+            raise error
+        raise CorruptCheckpointError(f"{where}: another process found this checkpoint damaged (see its log)")
+    if agreed == _MISMATCH:
+        if isinstance(error, StateMismatchError):
+            raise error
+        raise StateMismatchError(
+            f"{where}: another process's state does not match the checkpoint (see its error); nothing was changed"
+        ) from error
+    if isinstance(error, CheckpointError) and status == _FAILED:
+        raise error
+    raise CheckpointError(
+        f"{where}: {'this' if status == _FAILED else 'another'} process could not restore its part"
+        f"{f' ({error!r})' if status == _FAILED else ' (see its error)'}; nothing was changed"
+    ) from error
 
 
-_FAILED, _CORRUPT, _OK = 0, 1, 2
+# Outcomes of phase one on one process, worst first: the group agrees on the smallest.
+_FAILED, _MISMATCH, _CORRUPT, _OK = 0, 1, 2, 3

@@ -56,8 +56,12 @@ class TorchGroup:
                 "torch.distributed is not initialized; call torch.distributed.init_process_group first"
             )
         self.process_group = process_group
-        backend = str(dist.get_backend(process_group))
-        self._device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        self._cuda = "nccl" in str(dist.get_backend(process_group))
+
+    @property
+    def _device(self) -> torch.device:
+        # Looked up at each call: the manager may exist before torch.cuda.set_device(local_rank).
+        return torch.device("cuda", torch.cuda.current_device()) if self._cuda else torch.device("cpu")
 
     @property
     def rank(self) -> int:
@@ -152,9 +156,15 @@ class ChunkReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        for req in plan.items:
+        """Read every requested region; each block is read (and its checksum verified) once,
+        whole: its checksum covers the whole block, so a region cannot be verified alone."""
+        blocks: dict[str, Any] = {}
+        for req in sorted(plan.items, key=lambda r: self._storage[r.storage_index]):
             part = self._storage[req.storage_index]
-            block = self.reader.load_tensor(self.item, part)
+            if part not in blocks:
+                blocks.clear()  # requests are sorted by block: keep one block in memory
+                blocks[part] = self.reader.load_tensor(self.item, part)
+            block = blocks[part]
             for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths, strict=True)):
                 block = block.narrow(dim, start, length)
             target = planner.resolve_tensor(req).detach()
@@ -180,20 +190,19 @@ def preload_sharded(reader: Any, item: str, stored_item: str, value: Any, group:
     Returns:
         New DTensors by tensor name; the live ones are not touched.
     """
-    ok, targets = 1, {}
+    targets: dict[str, Any] = {}
+    entry = reader.manifest.items[stored_item]
     try:
-        entry = reader.manifest.items[stored_item]
-        for name, live in live_dtensors(item, value).items():
-            chunked = entry.chunks.get(name)
-            stored = chunked if chunked is not None else entry.tensors.get(name)
-            if stored is None or tuple(stored.shape) != tuple(live.shape) or stored.dtype not in _CODE_TO_TORCH:
-                continue
-            targets[name] = torch.empty_like(live)
-        targets.update(_fresh_optimizer_targets(entry, value, targets))
-    except CheckpointError:
-        ok = 0
-    if group.all_min(ok) == 0:
-        raise CorruptCheckpointError(f"{reader.path}: item {stored_item!r} cannot be read on every process")
+        live_tensors = live_dtensors(item, value)
+    except CheckpointError:  # the ordinary restore of this item reports the problem
+        live_tensors = {}
+    for name, live in live_tensors.items():
+        chunked = entry.chunks.get(name)
+        stored = chunked if chunked is not None else entry.tensors.get(name)
+        if stored is None or tuple(stored.shape) != tuple(live.shape) or stored.dtype not in _CODE_TO_TORCH:
+            continue
+        targets[name] = torch.empty_like(live)
+    targets.update(_fresh_optimizer_targets(entry, value, targets))
     if group.all_max(1 if targets else 0) == 0:
         return {}
     _load(reader, stored_item, targets, group)
@@ -235,15 +244,19 @@ def _load(reader: Any, stored_item: str, targets: Mapping[str, Any], group: Any)
             process_group=getattr(group, "process_group", None),
         )
     except CheckpointException as exc:
-        corrupt = [e for failures in exc.failures.values() for e in _causes(failures)]
+        corrupt = [e for failure in exc.failures.values() for e in _causes(failure)]
         if corrupt:
             raise CorruptCheckpointError(f"{reader.path}: sharded item {stored_item!r}: {corrupt[0]}") from exc
-        raise CheckpointError(f"{reader.path}: reading sharded item {stored_item!r} failed: {exc}") from exc
+        failure: Any = next(iter(exc.failures.values()), None)
+        first = failure[0] if isinstance(failure, tuple) else failure
+        raise CheckpointError(
+            f"{reader.path}: reading sharded item {stored_item!r} failed on rank(s) {sorted(exc.failures)}: {first!r}"
+        ) from exc
 
 
 def _causes(failure: Any) -> list[CorruptCheckpointError]:
     out = []
-    seen = failure
+    seen = failure[0] if isinstance(failure, tuple) else failure  # DCP keeps (exception, stack)
     while seen is not None:
         if isinstance(seen, CorruptCheckpointError):
             out.append(seen)

@@ -304,13 +304,22 @@ class Manifest:
             step = body["step"]
             if step is not None and type(step) is not int:
                 raise TypeError("step is not an integer")
-            items = {str(name): item_from_json(item) for name, item in body["items"].items()}
+            items = {}
+            for name, item in body["items"].items():
+                try:
+                    items[str(name)] = item_from_json(item)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ValueError(f"item {str(name)[:200]!r}: {exc}") from exc
             ranks = None
             if "ranks" in body:
                 r = body["ranks"]
                 ranks = RankInfo(_count(r["world_size"]), tuple(_str(x) for x in r["per_rank"]))
                 if ranks.world_size < 1:
                     raise ValueError("ranks.world_size must be at least 1")
+                for name in ranks.per_rank:
+                    missing = [r for r in range(ranks.world_size) if per_rank_name(name, r) not in items]
+                    if missing:
+                        raise ValueError(f"per-rank item {name!r} has no copy of rank(s) {missing[:5]}")
             files = {_str(k): _count(v["nbytes"]) for k, v in body["files"].items()}
             for name in files:
                 if not _is_plain_file_name(name):
@@ -340,7 +349,12 @@ class Manifest:
 
 def item_from_json(item: dict[str, Any]) -> ItemEntry:
     tensors = {str(k): TensorEntry.from_json(e) for k, e in item["tensors"].items()}
-    chunks = {str(k): ChunkedTensor.from_json(c, tensors) for k, c in item.get("chunks", {}).items()}
+    chunks = {}
+    for k, c in item.get("chunks", {}).items():
+        try:
+            chunks[str(k)] = ChunkedTensor.from_json(c, tensors)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"chunked tensor {str(k)[:200]!r}: {exc}") from exc
     if set(chunks) & set(tensors):
         raise ValueError(f"names {sorted(set(chunks) & set(tensors))[:3]} are both tensors and chunked tensors")
     return ItemEntry(tree=item["tree"], tensors=tensors, chunks=chunks)
