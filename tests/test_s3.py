@@ -139,3 +139,33 @@ def test_readme_object_storage_example_runs(s3_endpoint: str, monkeypatch: pytes
     mgr = runstate.CheckpointManager("s3://my-bucket/runs/exp", storage_options=scope["options"])
     assert mgr.steps() == [800, 900, 1000]
     assert np.array_equal(runstate.load(mgr.path(1000), storage_options=scope["options"])["model"]["w"], np.full(4, 1000.0))
+
+
+def test_cli_reads_runs_on_s3(s3_endpoint: str, s3_bucket: str) -> None:
+    """ls, show, verify and diff take URLs; credentials and endpoint come from the environment."""
+    url, options = f"s3://{s3_bucket}/cli", s3_options(s3_endpoint)
+    with runstate.CheckpointManager(url, storage_options=options) as mgr:
+        mgr.save(1, {"w": np.arange(4.0)})
+        mgr.save(2, {"w": np.arange(4.0) + 1}, metrics={"loss": 0.5})
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runstate", *args], env=env, capture_output=True, text=True)
+
+    listed = cli("ls", url)
+    assert listed.returncode == 0, listed.stderr
+    assert "2 checkpoints (latest step 2)" in listed.stdout and "loss=0.5" in listed.stdout
+    shown = cli("show", f"{url}/step-000000000002")
+    assert shown.returncode == 0 and "F64" in shown.stdout
+    verified = cli("verify", url)
+    assert verified.returncode == 0 and "2 of 2 checkpoints passed" in verified.stdout
+    differ = cli("diff", f"{url}/step-000000000001", f"{url}/step-000000000002")
+    assert differ.returncode == 1, differ.stderr  # the tensors differ
+    missing = cli("ls", f"s3://{s3_bucket}/nothing-here")
+    assert missing.returncode == 0 and "no checkpoints" in missing.stdout

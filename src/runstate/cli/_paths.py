@@ -14,6 +14,8 @@ MANIFEST = "manifest.json"
 
 def check_run_directory(command: str, directory: str) -> int | None:
     """None when ``directory`` can be a run directory; else print an error and return exit code 2."""
+    if "://" in directory:  # a URL (s3://bucket/run): the library reports what is wrong with it
+        return None
     if not os.path.exists(directory):
         return fail(command, f"no such directory: {directory}")
     if not os.path.isdir(directory):

@@ -86,7 +86,7 @@ def collect(directory: str) -> list[Entry]:
             entries.append(
                 Entry(int(m.group(2)) if m else None, path, "leftover", _mtime(path), tree_size(path), reason=what)
             )
-    for name in sorted(os.listdir(directory)):
+    for name in [] if "://" in directory else sorted(os.listdir(directory)):
         m = _MOVED_ASIDE.match(name)
         if m:
             path = os.path.join(directory, name)
