@@ -77,6 +77,8 @@ def supervise(
                 log.error("runstate run: cannot start %s: %s", command[0], exc.strerror)
                 return 127
             child[:] = [proc]
+            if stop_signal and proc.poll() is None:  # it arrived between Popen and the line above
+                proc.send_signal(stop_signal[0])
             code = proc.wait()
             if code == 0:
                 if restarts:
