@@ -46,7 +46,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
     import runstate
 
-__all__ = ["runstate"]  # re-exported so the scripts import the same runstate (installed or from src/)
+from runstate.storage.local import fsync_dir  # after the sys.path fallback above
+
+__all__ = ["fsync_dir", "runstate"]  # re-exported so the scripts import the same runstate (installed or from src/)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1024**3
@@ -55,14 +57,6 @@ N_LAYERS = 8
 
 
 # --------------------------------------------------------------------------- system helpers
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_path(path: str) -> None:

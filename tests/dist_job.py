@@ -121,9 +121,9 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _kill_during_write(rank: int) -> None:
     """SIGKILL this process inside its next tensor-file write (after some bytes are on disk)."""
-    from runstate.format import safetensors_io
+    from runstate import checkpoint
 
-    real = safetensors_io.write_safetensors
+    real = checkpoint.write_safetensors
 
     def dying(f: Any, *a: Any, **k: Any) -> Any:
         f.write(b"partial")
@@ -131,9 +131,7 @@ def _kill_during_write(rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
         return real(f, *a, **k)
 
-    import runstate.parallel
-
-    runstate.parallel.write_safetensors = dying  # type: ignore[assignment]
+    checkpoint.write_safetensors = dying  # type: ignore[assignment]
 
 
 def _kill_before_commit() -> None:
@@ -258,12 +256,12 @@ def edge(rank: int, world: int, args: argparse.Namespace) -> None:
         model, opt = plain_model()
         state = {"model": model, "rng": runstate.RNG()}
         if rank == 1:
-            from runstate import parallel
+            from runstate import checkpoint
 
             def failing(*a: Any, **k: Any) -> Any:
                 raise MemoryError("simulated: no memory for a host copy")
 
-            parallel.write_safetensors = failing  # type: ignore[assignment]
+            checkpoint.write_safetensors = failing  # type: ignore[assignment]
         with runstate.CheckpointManager(run) as mgr:
             result["save"] = _outcome(lambda: mgr.save(1, state))
             dist.barrier()

@@ -237,25 +237,36 @@ def write_items(
     """
     wanted = set(prepared.items) if items is None else set(items)
     plans = [p for p in plan_files(prepared, shard_bytes=shard_bytes) if p.item in wanted]
+    out = WrittenItems()
+    out.files, entries = write_files(staging, plans)
+    for name, (tree, _enc) in prepared.items.items():
+        if name in wanted:
+            out.items[name] = ItemEntry(tree=tree, tensors=entries.get(name, {}))
+    return out
+
+
+def write_files(staging: Staging, plans: list[FilePlan]) -> tuple[dict[str, int], dict[str, dict[str, TensorEntry]]]:
+    """Write planned tensor files into ``staging``, ``staging.parallel_writes`` at a time.
+
+    Returns:
+        The size of each file, and the index entries of each item's tensors.
+    """
     workers = min(staging.parallel_writes, len(plans))
     if workers > 1:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runstate-write") as pool:
             results = list(pool.map(lambda p: _write_file(staging, p), plans))
     else:
         results = [_write_file(staging, p) for p in plans]
-    out = WrittenItems()
-    entries: dict[str, dict[str, TensorEntry]] = {name: {} for name in prepared.items if name in wanted}
+    files: dict[str, int] = {}
+    entries: dict[str, dict[str, TensorEntry]] = {}
     for plan, (size, written) in zip(plans, results, strict=True):
-        out.files[plan.name] = size
+        files[plan.name] = size
         for tname, blob in plan.tensors:
             w = written[tname]
-            entries[plan.item][tname] = TensorEntry(
+            entries.setdefault(plan.item, {})[tname] = TensorEntry(
                 plan.name, blob.dtype, blob.shape, w.begin, w.end, w.xxh3, blob.lib, blob.meta
             )
-    for name, (tree, _enc) in prepared.items.items():
-        if name in wanted:
-            out.items[name] = ItemEntry(tree=tree, tensors=entries[name])
-    return out
+    return files, entries
 
 
 def build_manifest(prepared: PreparedState, written: WrittenItems, *, step: int | None) -> Manifest:

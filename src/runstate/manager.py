@@ -287,39 +287,36 @@ class CheckpointManager:
         if self._group.distributed:
             self._save_together(step, state, metrics, verify)
             self._last_save = now
-            if signalled:
-                self._preempted = True
-                logger.warning("saved step %d after a signal; mgr.preempted is now True", step)
-            return True
-        self.wait()  # at most one save in flight; re-raises a failed background save
-        prepared = prepare(state, metrics)
+        else:
+            self.wait()  # at most one save in flight; re-raises a failed background save
+            prepared = prepare(state, metrics)
+            self._claim(step)
+            self._last_save = now
+            if self._executor is not None:
+                started = time.monotonic()
+                self._pool.snapshot(prepared)  # the only part that blocks training
+                self.last_blocking_seconds = time.monotonic() - started
+                self._pending = (step, self._executor.submit(self._write, step, prepared, verify))
+            else:
+                self._write(step, prepared, verify)
+        if signalled:
+            self._preempted = True
+            logger.warning("saved step %d after signal %s; mgr.preempted is now True", step, self._signal)
+        return True
+
+    def _claim(self, step: int) -> None:
+        """Take the writer lock, remove leftovers of interrupted saves, check ``step`` is free."""
         self._lock.acquire()  # no-op once held
         for leftover in self._store.remove_leftovers():  # interrupted saves or deletions
             logger.info("removed leftover of an interrupted save or deletion: %s", leftover)
         if step not in self._corrupt and self._store.exists(step_dirname(step)):
             raise StepExistsError(f"{self.path(step)} already exists; save under a new step or delete it first")
-        self._last_save = now
-        if self._executor is not None:
-            started = time.monotonic()
-            self._pool.snapshot(prepared)  # the only part that blocks training
-            self.last_blocking_seconds = time.monotonic() - started
-            self._pending = (step, self._executor.submit(self._write, step, prepared, verify))
-        else:
-            self._write(step, prepared, verify)
-        if signalled:
-            self._preempted = True
-            logger.warning("saved step %d after signal %d; mgr.preempted is now True", step, self._signal)
-        return True
 
     def _save_together(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None, verify: bool) -> None:
         """Save from every process of the group (rank 0 commits; see :mod:`runstate.parallel`)."""
 
         def start() -> None:  # on rank 0 only
-            self._lock.acquire()
-            for leftover in self._store.remove_leftovers():
-                logger.info("removed leftover of an interrupted save or deletion: %s", leftover)
-            if step not in self._corrupt and self._store.exists(step_dirname(step)):
-                raise StepExistsError(f"{self.path(step)} already exists; save under a new step or delete it first")
+            self._claim(step)
             self._move_aside_if_corrupt(step)
 
         started = time.monotonic()

@@ -24,7 +24,16 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from runstate.checkpoint import DEFAULT_SHARD_BYTES, _file_names, _metric_value, _shards, _versions, encode_state
+from runstate.checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    FilePlan,
+    _file_names,
+    _metric_value,
+    _shards,
+    _versions,
+    encode_state,
+    write_files,
+)
 from runstate.distributed import is_per_rank
 from runstate.errors import (
     CheckpointError,
@@ -37,11 +46,10 @@ from runstate.errors import (
 from runstate.format.manifest import (
     Manifest,
     RankInfo,
-    TensorEntry,
     item_from_json,
     per_rank_name,
 )
-from runstate.format.safetensors_io import file_metadata, write_safetensors
+from runstate.format.safetensors_io import file_metadata
 from runstate.format.tensors import TensorBlob
 from runstate.format.tree import Encoder
 from runstate.group import Group, same_everywhere
@@ -94,7 +102,7 @@ def _write_part(
 ) -> dict[str, Any]:
     """Write this process's tensor files; return the part (its index entries and files)."""
     taken: set[str] = set()
-    files: dict[str, int] = {}
+    plans: list[FilePlan] = []
     part_items: dict[str, Any] = {}
     for name, (tree, enc) in items.items():
         chunks: dict[str, dict[str, Any]] = {}
@@ -113,26 +121,17 @@ def _write_part(
                 block = f"{tname}@" + ",".join(map(str, placement["offsets"]))
                 chunk["parts"].append({"offsets": placement["offsets"], "tensor": block})
                 blobs.append((block, TensorBlob(blob.dtype, blob.shape, blob.nbytes, blob.lib, blob.read, meta)))
-        tensors: dict[str, Any] = {}
         if blobs:
             shards = _shards(blobs, DEFAULT_SHARD_BYTES)
             base = f"{name}.rank{rank:05d}" if name in sharded else name
             fnames = _file_names(base, len(shards), taken)
             # from every tensor of the item, not only this process's: readers expect one metadata
             metadata = file_metadata(name, (b.lib for b in enc.blobs.values()))
-            for fname, shard in zip(fnames, shards, strict=True):
-                with staging.open_write(fname) as f:
-                    size, written = write_safetensors(f, shard, metadata)
-                files[fname] = size
-                for tname, blob in shard:
-                    w = written[tname]
-                    entry = TensorEntry(fname, blob.dtype, blob.shape, w.begin, w.end, w.xxh3, blob.lib, blob.meta)
-                    tensors[tname] = entry.to_json()
-        part_items[name] = {
-            "tree": tree if (name not in sharded or rank == 0) else None,
-            "tensors": tensors,
-            "chunks": chunks,
-        }
+            plans.extend(FilePlan(f, name, shard, metadata) for f, shard in zip(fnames, shards, strict=True))
+        part_items[name] = {"tree": tree if (name not in sharded or rank == 0) else None, "chunks": chunks}
+    files, entries = write_files(staging, plans)
+    for name, item in part_items.items():
+        item["tensors"] = {t: e.to_json() for t, e in entries.get(name, {}).items()}
     part = {"rank": rank, "items": part_items, "files": files}
     raw = json.dumps(part, ensure_ascii=True, allow_nan=False).encode("ascii")
     with staging.open_write(_part_name(rank)) as f:
