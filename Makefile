@@ -36,11 +36,13 @@ bench-quick: $(STAMP)
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
 
-# Fault injection and fuzzing (tests/test_fault_injection.py, tests/test_untrusted.py) with ten
+# Fault injection, fuzzing and the concurrent reader/writer test (tests/test_fault_injection.py,
+# tests/test_untrusted.py, tests/test_hardening_manager.py) with ten
 # times the kill trials and fuzz cases of `make test`; -rP prints each test's counts.
 .PHONY: stress fuzz
 stress: $(STAMP)
-	$(PY) -m pytest -n 2 -q -rP --stress tests/test_fault_injection.py tests/test_untrusted.py
+	$(PY) -m pytest -n 2 -q -rP --stress tests/test_fault_injection.py tests/test_untrusted.py \
+		tests/test_hardening_manager.py::test_a_reader_next_to_a_deleting_writer_always_finds_a_checkpoint
 
 # The atheris target for the reader (fuzz/README.md); atheris is installed on demand.
 fuzz: $(STAMP)

@@ -40,3 +40,18 @@ def test_demo_help() -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
     assert proc.returncode == 0 and "--steps" in proc.stdout and "bit-identical" in proc.stdout
+
+
+def test_demo_refuses_too_few_steps_in_one_line(tmp_path: Path) -> None:
+    # With fewer steps the SIGKILL could land before the first checkpoint and (c)/(d) would
+    # restart from scratch and match (a): the demo would report its own check as failed.
+    proc = subprocess.run(
+        [sys.executable, "-m", "runstate", "demo", "--steps", "60", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert "--steps must be at least 100" in proc.stderr
+    assert not (tmp_path / "demo").exists()

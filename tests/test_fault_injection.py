@@ -147,7 +147,7 @@ def run_saver(run: Path, lib: str, plan: tuple[str, int, str] | None, rnd: rando
 
 def check_run(run: Path, lib: str, promised: int | None, in_flight_max: int | None, ledger: KillLedger, what: str) -> int | None:
     """Check what a new manager sees after a kill; return the newest step."""
-    mgr = runstate.CheckpointManager(run, keep_last=2)  # a reader: never takes the lock
+    mgr = runstate.CheckpointManager(run, keep_last=2, read_only=True)  # a reader: never takes the lock
     steps = mgr.steps()
     if promised is not None and promised not in steps:
         ledger.lose(f"{what}: step {promised} was saved (save() returned) but is gone; steps {steps}")
@@ -288,7 +288,7 @@ def test_second_writer_process_and_stale_lock(tmp_path: Path) -> None:
         runstate.CheckpointManager(run).save(10**6, {"x": 1})
     first.kill()
     first.communicate(timeout=60)
-    newest = runstate.CheckpointManager(run).latest_step()
+    newest = runstate.CheckpointManager(run, read_only=True).latest_step()
     assert newest is not None
     assert f"pid {first.pid} on" in (run / ".lock").read_text()  # the dead holder's name stays...
     with runstate.CheckpointManager(run, keep_last=2) as mgr:  # ...but its lock died with it
@@ -744,7 +744,7 @@ def test_restore_falls_back_past_damage(tmp_path: Path, damage: str) -> None:
     assert not report.ok and {p.file for p in report.problems} == {fname}, report.problems
     target: dict[str, Any] = {"model": None, "optimizer": None, "step": "untouched"}
     with pytest.raises(runstate.CorruptCheckpointError, match="step-000000000003"):
-        runstate.CheckpointManager(run).restore(target, fallback=False)
+        runstate.CheckpointManager(run, read_only=True).restore(target, fallback=False)
     assert target == {"model": None, "optimizer": None, "step": "untouched"}  # nothing changed
-    assert runstate.CheckpointManager(run).restore(target) == 2
+    assert runstate.CheckpointManager(run, read_only=True).restore(target) == 2
     assert not mismatches(target, small_state(2))

@@ -23,11 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_restore_from_nothing_returns_none_and_changes_nothing(tmp_path: Path) -> None:
     state = {"epoch": 5}
     for directory in (tmp_path / "missing", tmp_path):
-        with CheckpointManager(directory) as mgr:
+        with CheckpointManager(directory, read_only=True) as mgr:
             assert mgr.restore(state) is None
             assert mgr.latest_step() is None and mgr.steps() == []
     assert state == {"epoch": 5}
-    assert not (tmp_path / "missing").exists()
+    assert not (tmp_path / "missing").exists()  # a reader creates nothing
+    with CheckpointManager(tmp_path / "new") as mgr:  # a writer creates the run directory and takes the lock
+        assert mgr.restore(state) is None and state == {"epoch": 5}
+    assert sorted(os.listdir(tmp_path / "new")) == [".lock"]
 
 
 def test_save_restore_latest_and_specific_step(tmp_path: Path) -> None:
@@ -38,7 +41,8 @@ def test_save_restore_latest_and_specific_step(tmp_path: Path) -> None:
         assert mgr.path(20) == os.path.join(str(tmp_path), "step-000000000020")
         state = {"epoch": None}
         assert mgr.restore(state) == 30 and state["epoch"] == 3
-        assert mgr.restore(state, step=10) == 10 and state["epoch"] == 1
+        reader = CheckpointManager(tmp_path, read_only=True)
+        assert reader.restore(state, step=10) == 10 and state["epoch"] == 1  # a reader never rolls back
         info = mgr.info(20)
         assert info.step == 20 and info.metrics == {"loss": 0.05} and info.nbytes > 0
         assert info.created.endswith("+00:00") and info.path == mgr.path(20)
@@ -46,6 +50,7 @@ def test_save_restore_latest_and_specific_step(tmp_path: Path) -> None:
             mgr.restore(state, step=15)
         with pytest.raises(runstate.StepExistsError, match="step-000000000020 already exists"):
             mgr.save(20, {"epoch": 9})
+        assert mgr.restore(state, step=30) == 30 and mgr.steps() == [10, 20, 30]  # the newest: no rollback
     assert runstate.load(os.path.join(tmp_path, "step-000000000020")) == {"epoch": 2}
 
 
@@ -121,30 +126,50 @@ def test_directory_that_is_a_file(tmp_path: Path) -> None:
 def test_leftovers_are_ignored_by_readers_and_removed_by_the_next_writer(tmp_path: Path) -> None:
     with CheckpointManager(tmp_path) as mgr:
         mgr.save(1, {"s": 1})
-    (tmp_path / ".tmp-step-000000000002-abc").mkdir()
-    (tmp_path / ".tmp-step-000000000002-abc" / "model.safetensors").write_bytes(b"partial")
-    (tmp_path / ".del-step-000000000000-abc").mkdir()
-    reader = CheckpointManager(tmp_path)
+    (tmp_path / ".tmp-step-000000000002-0123456789ab").mkdir()
+    (tmp_path / ".tmp-step-000000000002-0123456789ab" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / ".del-step-000000000000-0123456789ab").mkdir()
+    reader = CheckpointManager(tmp_path, read_only=True)
     assert reader.steps() == [1]
-    assert (tmp_path / ".tmp-step-000000000002-abc").exists()  # readers never delete
+    assert (tmp_path / ".tmp-step-000000000002-0123456789ab").exists()  # readers never delete
     with CheckpointManager(tmp_path) as mgr:
         mgr.save(2, {"s": 2})
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == ["step-000000000001", "step-000000000002"]
 
 
-def test_second_writer_gets_a_clear_error_and_readers_need_no_lock(tmp_path: Path) -> None:
+def test_second_writer_fails_when_created_and_readers_need_no_lock(tmp_path: Path) -> None:
     first = CheckpointManager(tmp_path)
     first.save(1, {"s": 1})
-    second = CheckpointManager(tmp_path)
     with pytest.raises(runstate.LockError, match=f"being written by another CheckpointManager \\(pid {os.getpid()}"):
-        second.save(2, {"s": 2})
+        CheckpointManager(tmp_path)  # before it restores and trains, not at its first save
+    reader = CheckpointManager(tmp_path, read_only=True)
     state = {"s": None}
-    assert second.restore(state) == 1 and state["s"] == 1  # reading works while the writer holds the lock
+    assert reader.restore(state) == 1 and state["s"] == 1  # reading works while the writer holds the lock
+    with pytest.raises(runstate.CheckpointError, match="is read-only .* cannot save"):
+        reader.save(2, {"s": 2})
+    with pytest.raises(runstate.CheckpointError, match="is read-only .* cannot remove leftovers"):
+        reader.clean()
     first.close()
+    second = CheckpointManager(tmp_path)
     assert second.save(2, {"s": 2}) is True
+    assert reader.steps() == [1, 2] and reader.latest_step() == 2
     second.close()
     with pytest.raises(runstate.CheckpointError, match="is closed"):
         second.save(3, {"s": 3})
+
+
+def test_a_writer_dropped_without_close_frees_the_lock(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"s": 1})
+    assert CheckpointManager(tmp_path).steps() == [1]  # a writer never closed, garbage at once
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.save(2, {"s": 2})
+
+
+@pytest.mark.parametrize("option", [{"async_save": True}, {"save_on_signals": (signal.SIGUSR1,)}])
+def test_read_only_refuses_writer_options(tmp_path: Path, option: dict) -> None:
+    with pytest.raises(runstate.CheckpointError, match="read_only=True cannot be combined"):
+        CheckpointManager(tmp_path, read_only=True, **option)
 
 
 def test_lock_of_a_killed_writer_is_taken_over(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ LOOP = textwrap.dedent(
                 print("preempted", step + 1, flush=True)
                 break
     print("handler restored", signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, flush=True)
+    sys.exit(mgr.exit_code)
     """
 )
 
@@ -51,11 +52,11 @@ def test_signal_makes_the_next_save_write_and_the_loop_end(tmp_path: Path, signu
     assert proc.stdout.readline().strip() == "running"
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0
+    assert proc.returncode == runstate.CheckpointManager.EXIT_PREEMPTED == 75  # "saved, restart me"
     lines = out.strip().splitlines()
     preempted_at = int(lines[0].split()[1])
     assert lines[-1] == "handler restored True"
-    mgr = runstate.CheckpointManager(tmp_path)
+    mgr = runstate.CheckpointManager(tmp_path, read_only=True)
     assert mgr.steps() == [preempted_at]  # only the signal-triggered save: the cadence is 1000
     # The same command resumes from it.
     again = subprocess.Popen([sys.executable, "-c", LOOP, str(tmp_path)], env=ENV, stdout=subprocess.PIPE, text=True)
@@ -64,7 +65,7 @@ def test_signal_makes_the_next_save_write_and_the_loop_end(tmp_path: Path, signu
     assert again.stdout.readline().strip() == "running"
     again.send_signal(signal.SIGTERM)
     out, _ = again.communicate(timeout=30)
-    assert again.returncode == 0 and int(out.split()[1]) > preempted_at
+    assert again.returncode == 75 and int(out.split()[1]) > preempted_at
 
 
 def test_handlers_are_restored_on_close(tmp_path: Path) -> None:

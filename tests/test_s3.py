@@ -87,7 +87,7 @@ def test_writer_killed_mid_upload_leaves_only_the_previous_step(s3_endpoint: str
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    reader = runstate.CheckpointManager(url, storage_options=options)
+    reader = runstate.CheckpointManager(url, storage_options=options, read_only=True)
     assert reader.steps() == [1]
     assert reader.leftovers() == [f"{url}/step-000000000002"]  # at least one complete file, no manifest
     client = _client(s3_endpoint)

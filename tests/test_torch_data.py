@@ -125,3 +125,157 @@ def test_loader_with_worker_processes_resumes_exactly() -> None:
 def test_loader_rejects_arguments_it_sets() -> None:
     with pytest.raises(TypeError, match="resumable_loader sets sampler itself"):
         resumable_loader(Noisy(), sampler=[0, 1])
+
+
+# --- Loaders as users write them (runstate.adapters.torch_data / runstate.adapters.data) ---
+
+
+class Augmented(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i), random.random(), float(np.random.rand()), torch.rand(()).item()])
+
+
+def _sdl(generator: bool):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    gen = torch.Generator().manual_seed(3) if generator else None
+    return StatefulDataLoader(Augmented(), batch_size=3, shuffle=True, generator=gen)
+
+
+def _epochs(loader, n_batches: int, out: list, stop: int | None = None) -> bool:
+    """Iterate epochs until ``n_batches`` batches in all (or ``stop``); each batch with a dropout-like draw."""
+    while len(out) < n_batches:
+        for batch in loader:
+            out.append((batch.tolist(), torch.rand(()).item()))
+            if len(out) in (stop, n_batches):
+                return True
+    return True
+
+
+@pytest.mark.parametrize("generator", [False, True], ids=["generator=None", "generator=seeded"])
+@pytest.mark.parametrize("stop", [2, 4], ids=["mid-epoch", "epoch-end"])
+def test_stateful_dataloader_as_written_resumes_exactly_in_process(tmp_path: Path, generator: bool, stop: int) -> None:
+    """The bug: re-creating the iterator after a restore drew from the global RNG (generator=None)
+    or lost the loader generator's base_seed draw (generator=g: later epochs shuffled otherwise)."""
+    import runstate
+
+    def state_of(loader):
+        return {"loader": loader, "rng": runstate.RNG()}
+
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    ref: list = []
+    loader = _sdl(generator)
+    _epochs(loader, 11, ref)
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    head: list = []
+    loader = _sdl(generator)
+    _epochs(loader, 11, head, stop=stop)
+    runstate.save(tmp_path / "ckpt", state_of(loader), step=stop)
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)  # a fresh process's generators differ
+    resumed = _sdl(generator)
+    runstate.load(tmp_path / "ckpt", state_of(resumed))
+    tail: list = []
+    _epochs(resumed, 11 - stop, tail)
+    assert head + tail == ref
+
+
+def test_plain_dataloader_is_saved_with_one_warning_naming_the_fix(tmp_path: Path, caplog) -> None:
+    import logging
+
+    import runstate
+
+    loader = torch.utils.data.DataLoader(Augmented(), batch_size=2, shuffle=True)
+    state = {"model": torch.nn.Linear(2, 2), "train_loader": loader}
+    with caplog.at_level(logging.WARNING, logger="runstate"):
+        runstate.save(tmp_path / "a", state, step=1)
+        runstate.save(tmp_path / "b", state, step=2)
+    warnings_ = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings_) == 1, warnings_
+    assert "state['train_loader']: a torch.utils.data.DataLoader cannot resume where it stopped" in warnings_[0]
+    assert "torchdata.stateful_dataloader.StatefulDataLoader(...)" in warnings_[0]
+    caplog.clear()
+    fresh = torch.utils.data.DataLoader(Augmented(), batch_size=2, shuffle=True)
+    restored = {"model": torch.nn.Linear(2, 2), "train_loader": fresh}
+    with caplog.at_level(logging.WARNING, logger="runstate"):
+        runstate.load(tmp_path / "b", restored)
+    assert restored["train_loader"] is fresh
+    assert "state['train_loader']: a torch.utils.data.DataLoader has no saved position" in caplog.text
+
+
+def test_require_exact_refuses_a_loader_that_cannot_resume(tmp_path: Path) -> None:
+    import runstate
+
+    loader = torch.utils.data.DataLoader(Augmented(), batch_size=2)
+    with runstate.CheckpointManager(tmp_path / "run", require_exact=True) as mgr:
+        with pytest.raises(runstate.UnsupportedTypeError, match=r"state\['loader'\].*require_exact=True"):
+            mgr.save(1, {"loader": loader}, force=True)
+        with pytest.raises(runstate.UnsupportedTypeError, match=r"state\['batches'\]: a generator"):
+            mgr.save(1, {"batches": (b for b in loader)}, force=True)
+        assert mgr.steps() == []
+
+
+def test_iterators_and_generators_are_saved_with_a_warning_and_kept_on_restore(tmp_path: Path, caplog) -> None:
+    import logging
+
+    import runstate
+
+    loader = torch.utils.data.DataLoader(Augmented(), batch_size=2)
+    it, gen = iter(loader), (b for b in loader)
+    with caplog.at_level(logging.WARNING, logger="runstate"):
+        runstate.save(tmp_path / "c", {"it": it, "gen": gen}, step=1)
+    assert "state['it']: a _SingleProcessDataLoaderIter iterator cannot resume" in caplog.text
+    assert "state['gen']: a generator cannot resume" in caplog.text
+    live = {"it": iter(loader), "gen": (b for b in loader)}
+    kept = dict(live)
+    runstate.load(tmp_path / "c", live)
+    assert live["it"] is kept["it"] and live["gen"] is kept["gen"]
+
+
+def test_exact_is_idempotent_and_keeps_the_users_worker_init_fn() -> None:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from runstate.adapters.torch_data import WorkerInit
+    from runstate.torch import exact
+
+    def init(worker_id: int) -> None:
+        pass
+
+    loader = StatefulDataLoader(Augmented(), batch_size=2, num_workers=2, worker_init_fn=init)
+    assert exact(exact(loader)) is loader
+    assert isinstance(loader.worker_init_fn, WorkerInit) and loader.worker_init_fn.user_fn is init
+    assert "_runstate" in loader.state_dict()
+    assert pickle.loads(pickle.dumps(WorkerInit(None))).user_fn is None  # spawn contexts pickle it
+    with pytest.raises(TypeError, match="needs a torchdata StatefulDataLoader"):
+        exact(torch.utils.data.DataLoader(Augmented()))
+
+
+def test_docs_data_loaders_example_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+    """docs/data-loaders.md's example, run as written twice: the second run resumes at step 2
+    and sees the same last batch (augmented with the global RNGs) as the first."""
+    import re
+
+    import runstate
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data-loaders.md").read_text()
+    (code,) = re.findall(r"<!-- example: loader -->\n```python\n(.*?)```", text, re.S)
+    monkeypatch.chdir(tmp_path)
+    spaces = []
+    for _ in range(2):
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        ns = {
+            "StatefulDataLoader": StatefulDataLoader,
+            "dataset": Augmented(),
+            "model": torch.nn.Linear(4, 1),
+            "runstate": runstate,
+            "run_dir": "run",
+        }
+        exec(compile(code, "docs/data-loaders.md", "exec"), ns)
+        spaces.append(ns)
+    first, second = spaces
+    assert first["step"] == second["step"] == 3 and second["mgr"].steps() == [2]
+    assert torch.equal(first["x"], second["x"])

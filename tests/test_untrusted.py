@@ -148,7 +148,7 @@ def attack(ckpt: Path, outcomes: Counter[str] | None = None) -> None:
         "verify": lambda: runstate.verify(ckpt),
         "load": lambda: runstate.load(ckpt),
         "load into state": lambda: runstate.load(ckpt, live_state()),
-        "restore": lambda: runstate.CheckpointManager(ckpt.parent).restore(live_state()),
+        "restore": lambda: runstate.CheckpointManager(ckpt.parent, read_only=True).restore(live_state()),
     }
     for name, call in calls.items():
         try:
@@ -670,7 +670,7 @@ def test_optimizer_state_of_the_wrong_shape_is_a_mismatch_not_a_crash(tmp_path: 
     model = nn.Linear(3, 2)
     live = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
     with pytest.raises(runstate.StateMismatchError, match="optimizer"):
-        runstate.CheckpointManager(ckpt.parent).restore(live)
+        runstate.CheckpointManager(ckpt.parent, read_only=True).restore(live)
 
 
 # --------------------------------------------------------------------------------------------

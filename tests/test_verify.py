@@ -98,7 +98,7 @@ def test_every_checkpoint_damaged_raises(tmp_path: Path) -> None:
         mgr.save(1, {"t": torch.ones(3)})
     flip(tmp_path / "step-000000000001" / "t.safetensors", -1)
     with pytest.raises(runstate.CorruptCheckpointError, match="every checkpoint is damaged"):
-        runstate.CheckpointManager(tmp_path).restore({"t": None})
+        runstate.CheckpointManager(tmp_path, read_only=True).restore({"t": None})
 
 
 def test_missing_manifest_in_a_committed_step_is_damage(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_missing_manifest_in_a_committed_step_is_damage(tmp_path: Path) -> None:
         mgr.save(2, {"x": 2})
     (tmp_path / "step-000000000002" / "manifest.json").unlink()
     state = {"x": None}
-    assert runstate.CheckpointManager(tmp_path).restore(state) == 1 and state["x"] == 1
+    assert runstate.CheckpointManager(tmp_path, read_only=True).restore(state) == 1 and state["x"] == 1
 
 
 def test_save_with_verify(tmp_path: Path) -> None:

@@ -1,7 +1,13 @@
 """runstate: save and restore the whole state of a training run, and resume it exactly.
 
-The public API is what ``__all__`` lists. Importing runstate imports no ML framework.
+The public API is what ``__all__`` lists. Importing runstate imports no ML framework: the
+framework subpackages (``runstate.torch``, ``runstate.keras``) are imported on first attribute
+access (PEP 562), so ``import runstate`` then ``runstate.torch.resumable_loader`` works and
+imports torch only at that moment.
 """
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from runstate._version import __version__
 from runstate.api import load, save
@@ -11,10 +17,12 @@ from runstate.errors import (
     AsyncSaveError,
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CheckpointWriteError,
     CorruptCheckpointError,
     FormatVersionError,
     LockError,
+    PartialRestoreError,
     StateMismatchError,
     StepExistsError,
     UnsupportedTypeError,
@@ -27,6 +35,14 @@ from runstate.rng import RNG
 from runstate.stateful import Stateful
 from runstate.verify import Problem, VerifyReport, verify
 
+if TYPE_CHECKING:
+    from runstate import keras as keras
+    from runstate import torch as torch
+
+# Subpackages named after the framework they need, imported when first accessed. A new one
+# (e.g. runstate.jax) is added here; tests/test_first_contact.py checks this list is complete.
+_FRAMEWORK_SUBPACKAGES = ("keras", "torch")
+
 __all__ = [
     "RNG",
     "AsyncSaveError",
@@ -35,6 +51,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointReadError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "FormatVersionError",
@@ -42,6 +59,7 @@ __all__ = [
     "LockError",
     "Mismatch",
     "ObjectSummary",
+    "PartialRestoreError",
     "PerRank",
     "Problem",
     "Registry",
@@ -60,3 +78,14 @@ __all__ = [
     "save",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a framework subpackage on first access (``runstate.torch``, ``runstate.keras``)."""
+    if name in _FRAMEWORK_SUBPACKAGES:
+        return importlib.import_module(f"runstate.{name}")
+    raise AttributeError(f"module 'runstate' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_FRAMEWORK_SUBPACKAGES})

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
+from runstate.adapters import prepare_loaders
 from runstate.checkpoint import (
     CheckpointInfo,
     prepare,
@@ -18,7 +19,7 @@ from runstate.group import current_group
 from runstate.parallel import save_together
 from runstate.reader import CheckpointReader
 from runstate.restore import plain, restore_state
-from runstate.storage import is_url, open_store
+from runstate.storage import is_url, local_path, open_store
 from runstate.storage.local import commit_directory
 
 __all__ = ["load", "save"]
@@ -35,7 +36,9 @@ def save(
     """Save ``state`` as one checkpoint directory at ``path``, atomically.
 
     Args:
-        path: the checkpoint directory to create; it must not exist yet. A URL
+        path: the checkpoint directory to create; it must not exist yet. A relative path
+            (``"ckpt"``, ``"../ckpt"``) is relative to the working directory; ``~`` is
+            expanded. A URL
             (``s3://bucket/ckpt``, ``memory://ckpt``) is written with the object-store
             protocol: tensor files first, ``manifest.json`` last as the commit marker.
         state: named items: objects with ``state_dict()``/``load_state_dict()`` (modules,
@@ -58,6 +61,7 @@ def save(
     """
     path = os.fspath(path)
     validate_state(state, f"save({path!r})")
+    prepare_loaders(state, saving=True)
     checked_step = None if step is None else validate_step(step)
     group = current_group()
     if is_url(path):
@@ -71,12 +75,13 @@ def save(
         with store.begin(name) as staging:
             return write_checkpoint(staging, prepared, step=checked_step)
     open_store(path, storage_options=storage_options)  # refuses options with a plain path
-    parent = os.path.dirname(os.path.abspath(path))
+    path = local_path(path)  # "~/ckpt" expanded; "ckpt", "./ckpt", "../ckpt" are relative to the cwd
+    parent, name = os.path.split(os.path.abspath(path))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise CheckpointWriteError(20, f"cannot save to {path}: {parent} is a file, not a directory")
     if group.distributed:
         store = open_store(parent)
-        save_together(group, store, os.path.basename(os.path.abspath(path)), state, step=checked_step, metrics=metrics)
+        save_together(group, store, name, state, step=checked_step, metrics=metrics)
         with CheckpointReader(path) as reader:
             return reader.info()
     prepared = prepare(state, metrics)
@@ -92,6 +97,7 @@ def load(
     strict: bool = True,
     rename: Mapping[str, Sequence[tuple[str, str]]] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    exclude: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     r"""Load a checkpoint directory written by :func:`save` or a ``CheckpointManager``.
 
@@ -106,6 +112,9 @@ def load(
         rename: per item, regex substitutions applied to the stored keys before matching,
             e.g. ``{"model": [(r"^module\.", "")]}`` for a checkpoint written under DDP.
         storage_options: fsspec options for a URL such as ``s3://bucket/run/step-000000000100``.
+        exclude: item names or glob patterns (``["config", "log_*"]``) to leave alone: their
+            live values are kept, and they are neither checked nor reported missing or
+            unexpected. For run metadata such as a config that the resumed run sets itself.
 
     Returns:
         ``state`` itself after restoring, or the stored tree when ``state`` is None.
@@ -121,5 +130,6 @@ def load(
         if state is None:
             return {name: plain(reader.load_item(name)) for name in reader.manifest.items}
         validate_state(state, f"load({path!r})")
-        restore_state(reader, state, strict=strict, rename=rename, group=current_group())
+        prepare_loaders(state, saving=False)
+        restore_state(reader, state, strict=strict, rename=rename, group=current_group(), exclude=exclude)
         return dict(state) if not isinstance(state, dict) else state

@@ -12,10 +12,12 @@ __all__ = [
     "AsyncSaveError",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "CheckpointReadError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "FormatVersionError",
     "LockError",
+    "PartialRestoreError",
     "StateMismatchError",
     "StepExistsError",
     "UnsupportedTypeError",
@@ -55,6 +57,22 @@ class StateMismatchError(CheckpointError, ValueError):
     report: object = None
 
 
+class PartialRestoreError(StateMismatchError):
+    """Restoring failed after some items had already been changed (an item's ``load_state_dict``
+    raised in the second phase, after every check of the first phase had passed).
+
+    The live state is then a mix of restored and live values: rebuild the objects (or restart
+    the process) before restoring again.
+
+    Attributes:
+        restored: the items already restored, as paths (``state['model']``), in order.
+        failed: the item whose restore raised; it may be partly changed.
+    """
+
+    restored: tuple[str, ...] = ()
+    failed: str = ""
+
+
 class UnsupportedTypeError(CheckpointError, TypeError):
     """A value in the state cannot be stored without pickle."""
 
@@ -69,6 +87,14 @@ class FormatVersionError(CheckpointError, ValueError):
 
 class LockError(CheckpointError, BlockingIOError):
     """Another live process is writing checkpoints to the same run directory."""
+
+
+class CheckpointReadError(CheckpointError, OSError):
+    """Reading a checkpoint failed for a reason outside it: too many open files, no memory,
+    an I/O, network or permission error. The checkpoint is not known to be damaged, so it is
+    never skipped or moved aside as damaged; fix the cause and read it again. The original
+    exception is the ``__cause__``.
+    """
 
 
 class CheckpointWriteError(CheckpointError, OSError):

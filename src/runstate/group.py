@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Group", "SingleProcess", "current_group", "same_everywhere"]
+__all__ = ["Group", "SingleProcess", "current_group", "raise_together", "same_everywhere"]
 
 
 @runtime_checkable
@@ -105,3 +106,16 @@ def same_everywhere(group: Group, text: str) -> bool:
         return True
     digest = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") >> 1
     return group.all_min(digest) == group.all_max(digest)
+
+
+def raise_together(group: Group, error: BaseException | None, otherwise: Callable[[], BaseException]) -> None:
+    """Collective: when any process failed, every process raises.
+
+    A process that failed raises its own ``error``; one that succeeded while another failed
+    raises ``otherwise()``. Nothing happens when every process succeeded. One collective.
+    """
+    failed = group.all_min(0 if error is not None else 1) == 0
+    if error is not None:
+        raise error
+    if failed:
+        raise otherwise()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runstate.errors import CorruptCheckpointError
+from runstate.format.depth import stack_room
 from runstate.format.manifest import MANIFEST_NAME, Manifest, TensorEntry
 from runstate.format.tree import Decoder
 from runstate.reader import read_manifest_bytes
@@ -200,6 +201,11 @@ def inspect(
         0.001
     """
     store = open_store(path, storage_options=storage_options)
+    with stack_room():  # decoding and plain() recurse once per level of the deepest tree
+        return _contents(store)
+
+
+def _contents(store: Store) -> CheckpointContents:
     path = store.location
     manifest, manifest_nbytes = _read_manifest(store)
     metrics = Decoder("metrics", _no_tensor, []).decode(manifest.metrics)

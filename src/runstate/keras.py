@@ -14,7 +14,7 @@ skips exactly the batches already trained on, with the random state each of them
 
 Works on the TensorFlow and torch backends (``Checkpoint`` is not available on the JAX
 backend, whose ``fit`` keeps the variables outside the model between steps). This module
-imports keras; import it explicitly (``import runstate.keras``).
+imports keras, on first use of ``runstate.keras`` (``import runstate`` imports no framework).
 """
 
 from __future__ import annotations

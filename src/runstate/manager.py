@@ -2,24 +2,31 @@
 
 Layout: ``<dir>/step-000000000100/`` per committed step, leftovers of interrupted saves or
 deletions (hidden ``.tmp-*``/``.del-*`` locally, ``step-*`` prefixes without a manifest on
-object stores), and ``.lock`` for the single writer. Readers (``steps``, ``info``,
-``restore``) never take the lock and only ever see committed steps, so an evaluation job
-can read while training writes. Where the bytes go is the business of
-:mod:`runstate.storage`: a local directory or any fsspec URL (``s3://bucket/run``).
+object stores), and ``.lock`` for the single writer, taken when a writing manager is
+created so that a second writer fails at once, not at its first save. A read-only manager
+(``read_only=True``) never takes the lock: an evaluation job lists and restores while training
+writes, and a step that retention deletes between listing and reading is not damage (the
+listing is read again). Rolling back (``restore(state, step=S)`` in a writer, with newer
+steps committed) sets the newer steps aside as ``step-N.abandoned-<12 hex>``, so that the new
+branch is the run. Where the bytes go is the business of :mod:`runstate.storage`: a local
+directory or any fsspec URL (``s3://bucket/run``).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
-import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
+from runstate.adapters import prepare_loaders
+from runstate.background import BackgroundSaver
 from runstate.checkpoint import (
     CheckpointInfo,
     PreparedState,
@@ -29,33 +36,41 @@ from runstate.checkpoint import (
     write_checkpoint,
 )
 from runstate.errors import (
-    AsyncSaveError,
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
-    StepExistsError,
+    LockError,
 )
-from runstate.format.manifest import MANIFEST_NAME
-from runstate.group import current_group
+from runstate.group import current_group, raise_together
+from runstate.housekeeping import RunHousekeeping
 from runstate.parallel import save_together
 from runstate.policies import Retention, SaveCadence
 from runstate.reader import CheckpointReader
-from runstate.restore import RestoreReport, restore_state
+from runstate.restore import RestoreReport
+from runstate.run_restore import RunRestorer
+from runstate.signals import subscribe, unsubscribe
 from runstate.snapshot import SnapshotPool
 from runstate.storage import Staging, Store, open_store, step_dirname
 from runstate.verify import verify_reader
 
-__all__ = ["CheckpointManager"]
+__all__ = ["EXIT_PREEMPTED", "CheckpointManager"]
 
 logger = logging.getLogger("runstate")
+
+#: The exit status of a job that stopped after its preemption save (``EX_TEMPFAIL``, "try
+#: again"): ``runstate run`` restarts such a job at once, without counting it as a failure.
+EXIT_PREEMPTED = 75
 
 
 class CheckpointManager:
     """Saves, retains and restores the checkpoints of one training run.
 
+    Attributes:
+        EXIT_PREEMPTED: 75, the exit status :attr:`exit_code` gives after a preemption save.
+
     Args:
-        directory: the run directory; created on the first save. A URL such as
+        directory: the run directory; a writing manager creates it (with its ``.lock``). A URL such as
             ``s3://bucket/runs/exp`` or ``memory://exp`` stores the run through fsspec with the
             object-store protocol (``manifest.json`` last as the commit marker, an advisory
             ``.lock`` object: one writer per run is then your responsibility).
@@ -69,12 +84,16 @@ class CheckpointManager:
         save_on_signals: signals (e.g. ``signal.SIGTERM`` sent by a scheduler before
             preemption) after which the next ``save`` writes regardless of the cadence and
             sets :attr:`preempted`. The handler only sets a flag (no I/O in a signal
-            handler); the previous handlers are restored by :meth:`close`. Must be created in
-            the main thread when signals are given.
+            handler). Several managers may listen to the same signal: each is told (one
+            process-wide handler), and the handler that was there before the first is put
+            back when the last one closes, in any order. Must be created in the main thread
+            when signals are given.
         async_save: ``save`` copies the state's tensors into reused host buffers (a
             point-in-time snapshot) and returns; a background thread writes and commits it.
             At most one save is in flight: the next ``save`` waits for it. A background
-            failure is raised by the next ``save``, :meth:`wait` or :meth:`close`.
+            failure is raised by the next ``save``, :meth:`wait` or :meth:`close`; a process
+            that exits without them waits for the save at exit, and if it failed, logs the
+            error and exits with status 1.
         storage_options: fsspec options for a URL (credentials, ``client_kwargs``,
             ``default_block_size`` for the upload part size...).
         group: the processes that save together: None uses the default
@@ -82,14 +101,31 @@ class CheckpointManager:
             manager after ``init_process_group``), else this process alone. Every process
             then calls ``save`` and ``restore`` alike; see :mod:`runstate.distributed`
             for which process writes what.
+        read_only: a reader for evaluation jobs: ``restore``, ``steps``, ``latest_step`` and
+            ``info`` work, nothing is ever written or moved, and no lock is taken; ``save``
+            and ``clean`` raise. A writing manager (the default) takes the run's writer lock
+            when it is created: ``LockError`` then, not at the first save, when another live
+            process writes the run.
+        require_exact: refuse (``UnsupportedTypeError`` at ``save``) a state holding a data
+            loader that cannot resume exactly (``torch.utils.data.DataLoader``, an iterator),
+            instead of logging one WARNING at the first save.
+
+    Raises:
+        LockError: (a writer) another live manager writes to this directory.
 
     Example:
-        >>> with runstate.CheckpointManager("runs/exp", save_every_steps=100) as mgr:  # doctest: +SKIP
+        >>> with runstate.CheckpointManager("runs/exp", save_every_steps=100,  # doctest: +SKIP
+        ...                                 save_on_signals=(signal.SIGTERM,)) as mgr:
         ...     start = mgr.restore(state) or 0
         ...     for step in range(start, total):
         ...         train_step()
         ...         mgr.save(step + 1, state)
+        ...         if mgr.preempted:
+        ...             break
+        >>> sys.exit(mgr.exit_code)  # doctest: +SKIP
     """
+
+    EXIT_PREEMPTED = EXIT_PREEMPTED
 
     def __init__(
         self,
@@ -106,10 +142,19 @@ class CheckpointManager:
         async_save: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         group: Any = None,
+        read_only: bool = False,
+        require_exact: bool = False,
     ) -> None:
         self._store: Store = open_store(directory, storage_options=storage_options)
         self.directory = self._store.location
+        self.read_only = bool(read_only)
+        self.require_exact = bool(require_exact)
         self._group = current_group(group)
+        if self.read_only and (async_save or save_on_signals):
+            raise CheckpointError(
+                "read_only=True cannot be combined with async_save or save_on_signals: a read-only manager never "
+                "saves; drop those options, or create a writing manager"
+            )
         if self._group.distributed and async_save:
             raise CheckpointError(
                 "async_save=True is not supported under torch.distributed yet: every process would write "
@@ -119,37 +164,68 @@ class CheckpointManager:
             raise CheckpointWriteError(20, f"{self.directory} is a file; a CheckpointManager needs a directory")
         self.retention = Retention(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.cadence = SaveCadence(save_every_steps, save_every_seconds)
-        self._lock = self._store.lock()
-        self._last_save = time.monotonic()
-        self._closed = False
-        self._corrupt: set[int] = set()  # steps found damaged by restore(): never deleted or overwritten
-        self._signal: int | None = None
-        self.last_restore_report: RestoreReport | None = None
-        self.last_blocking_seconds = 0.0
-        self._pool = SnapshotPool()
-        self._pending: tuple[int, Future[None]] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstate-save") if async_save else None
-        self._preempted = False
-        self._previous_handlers: dict[int, Any] = {}
-        if save_on_signals:
-            self._install_handlers(tuple(save_on_signals))
-
-    def _install_handlers(self, signums: tuple[int, ...]) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        signums = tuple(save_on_signals)
+        if signums and threading.current_thread() is not threading.main_thread():
             raise CheckpointError(
                 f"save_on_signals={signums!r}: signal handlers can only be installed from the main thread; "
                 "create the CheckpointManager there, or leave save_on_signals empty"
             )
+        self._lock = self._store.lock()
+        self._last_save = time.monotonic()
+        self._closed = False
+        self._upkeep = RunHousekeeping(self._store, self.retention, self._lock)
+        self._restorer = RunRestorer(self._store, self._group)
+        self._signal: int | None = None
+        self.last_restore_report: RestoreReport | None = None
+        self.last_blocking_seconds = 0.0
+        self._pool = SnapshotPool()
+        self._preempted = False
+        self._signums: tuple[int, ...] = ()
+        self._saver: BackgroundSaver | None = None
+        if not self.read_only:
+            self._take_lock()
+        # A writer dropped without close() (``CheckpointManager(d).steps()``) frees its lock.
+        weakref.finalize(self, self._lock.release)
+        if async_save:
+            self._saver = BackgroundSaver()
         for signum in signums:
-            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+            subscribe(signum, id(self), self._on_signal)
+        self._signums = signums
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def _take_lock(self) -> None:
+        """Take the writer lock (rank 0 under torch.distributed); every process fails alike."""
+        error: CheckpointError | None = None
+        if self._group.rank == 0:
+            try:
+                self._lock.acquire()
+            except CheckpointError as exc:
+                error = exc
+        raise_together(
+            self._group,
+            error,
+            lambda: LockError(
+                errno.EWOULDBLOCK,
+                f"{self.directory}: rank 0 could not take the writer lock (see its error); nothing was written",
+            ),
+        )
+
+    def _on_signal(self, signum: int) -> None:
         self._signal = signum  # only a flag: the next save() does the I/O
 
     @property
     def preempted(self) -> bool:
         """True once a checkpoint was written after one of ``save_on_signals`` arrived."""
         return self._preempted
+
+    @property
+    def exit_code(self) -> int:
+        """The status to exit with: :data:`EXIT_PREEMPTED` (75) once :attr:`preempted`, else 0.
+
+        ``runstate run`` restarts a job that exits with 75, so a loop that stops on
+        ``mgr.preempted`` ends with ``sys.exit(mgr.exit_code)`` and is resumed, never
+        mistaken for a finished run.
+        """
+        return EXIT_PREEMPTED if self._preempted else 0
 
     @property
     def signal_received(self) -> int | None:
@@ -177,17 +253,25 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
+            if self._saver is not None:
+                self._saver.shutdown()
             self._lock.release()
-            while self._previous_handlers:
-                signum, handler = self._previous_handlers.popitem()
-                signal.signal(signum, handler)
+            for signum in self._signums:
+                unsubscribe(signum, id(self))
+            self._signums = ()
             self._closed = True
 
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError(f"{self!r} is closed; create a new CheckpointManager")
+
+    def _check_writable(self, what: str) -> None:
+        self._check_open()
+        if self.read_only:
+            raise CheckpointError(
+                f"{self!r} is read-only (read_only=True) and cannot {what}; only the one process that writes "
+                "this run creates its CheckpointManager without read_only"
+            )
 
     def path(self, step: int) -> str:
         """The directory of ``step``'s checkpoint (whether or not it exists)."""
@@ -198,34 +282,65 @@ class CheckpointManager:
         ``step-*`` prefixes without ``manifest.json``): never committed."""
         return self._store.list_leftovers()
 
-    def clean(self, *, dry_run: bool = False) -> list[str]:
+    def abandoned(self) -> list[tuple[int, str]]:
+        """``(step, location)`` of the checkpoints of branches abandoned by a rollback, by step.
+
+        They are kept for inspection as ``step-N.abandoned-<12 hex>`` (never read, never
+        deleted by retention); ``clean(abandoned=True)`` or ``runstate gc --abandoned`` removes them.
+        """
+        return self._upkeep.abandoned()
+
+    def clean(self, *, dry_run: bool = False, abandoned: bool = False) -> list[str]:
         """Remove the leftovers of interrupted saves; committed checkpoints are never touched.
 
-        Takes the writer lock, so it never removes the temporary of a save in progress.
+        Waits for the save in flight first (``async_save``), so it never removes the
+        temporary directory of a save in progress; another process's saves are excluded by
+        the writer lock.
 
         Args:
             dry_run: only list what would be removed.
+            abandoned: also remove the checkpoints set aside by a rollback (:meth:`abandoned`).
 
         Returns:
             The paths removed (or that would be removed).
 
         Raises:
-            LockError: another live process is writing to this directory.
+            AsyncSaveError: the save in flight failed (nothing was removed).
+            CheckpointError: the manager is read-only.
         """
-        self._check_open()
+        self._check_writable("remove leftovers")
+        self.wait()  # the temporary directory of the save in flight is not a leftover
         if self._store.is_local and not os.path.isdir(self.directory):
             return []
-        self._lock.acquire()
-        return self.leftovers() if dry_run else self._store.remove_leftovers()
+        return self._upkeep.clean(dry_run=dry_run, abandoned=abandoned)
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
-        return list(self._store.list_committed())
+        return list(self._restorer.list_committed())
 
-    def latest_step(self) -> int | None:
-        """The newest committed step, or None when there is none."""
+    def latest_step(self, *, verified: bool = False) -> int | None:
+        """The newest committed step, or None when there is none.
+
+        Args:
+            verified: by default only names are listed (a committed step has its
+                ``step-N`` name and, on object stores, its ``manifest.json``): a damaged step
+                still counts. With True, every byte of the newest steps is checked
+                (:func:`runstate.verify`, reading them whole) and the newest step that passes
+                is returned.
+        """
         steps = self.steps()
-        return steps[-1] if steps else None
+        if not verified:
+            return steps[-1] if steps else None
+        for step in reversed(steps):
+            try:
+                intact = verify_reader(CheckpointReader(self._store.child(step_dirname(step)))).ok
+            except CheckpointError:
+                intact = False
+            if intact:
+                return step
+            if step in self.steps():  # not deleted meanwhile by the writer: damaged
+                logger.warning("latest_step(verified=True): step %d fails verification; trying older ones", step)
+        return None
 
     def info(self, step: int) -> CheckpointInfo:
         """The :class:`CheckpointInfo` of a committed step.
@@ -268,17 +383,19 @@ class CheckpointManager:
 
         Raises:
             StepExistsError: ``step`` is already committed.
-            LockError: another live manager writes to this directory.
+            LockError: (object stores) another writer took the advisory lock over meanwhile.
             UnsupportedTypeError: a value cannot be stored (nothing is written).
             CheckpointWriteError: the disk failed; older checkpoints are intact.
+            CheckpointError: the manager is read-only.
         """
-        self._check_open()
+        self._check_writable("save")
         step = validate_step(step)
         validate_state(state, f"{self!r}.save(step={step})")
+        prepare_loaders(state, saving=True, require_exact=self.require_exact)
         now = time.monotonic()
         signalled = self._signal is not None and not self._preempted
         due = force or signalled or self.cadence.should_save(step, now - self._last_save)
-        if self._group.distributed and (self.cadence.every_seconds is not None or self._previous_handlers):
+        if self._group.distributed and (self.cadence.every_seconds is not None or self._signums):
             # Clocks and signals differ between processes: save when any process wants to.
             due = bool(self._group.all_max(int(due)))
             signalled = bool(self._group.all_max(int(signalled)))
@@ -290,13 +407,13 @@ class CheckpointManager:
         else:
             self.wait()  # at most one save in flight; re-raises a failed background save
             prepared = prepare(state, metrics)
-            self._claim(step)
+            self._upkeep.claim(step)
             self._last_save = now
-            if self._executor is not None:
+            if self._saver is not None:
                 started = time.monotonic()
                 self._pool.snapshot(prepared)  # the only part that blocks training
                 self.last_blocking_seconds = time.monotonic() - started
-                self._pending = (step, self._executor.submit(self._write, step, prepared, verify))
+                self._saver.submit(step, self.path(step), functools.partial(self._write, step, prepared, verify))
             else:
                 self._write(step, prepared, verify)
         if signalled:
@@ -304,20 +421,12 @@ class CheckpointManager:
             logger.warning("saved step %d after signal %s; mgr.preempted is now True", step, self._signal)
         return True
 
-    def _claim(self, step: int) -> None:
-        """Take the writer lock, remove leftovers of interrupted saves, check ``step`` is free."""
-        self._lock.acquire()  # no-op once held
-        for leftover in self._store.remove_leftovers():  # interrupted saves or deletions
-            logger.info("removed leftover of an interrupted save or deletion: %s", leftover)
-        if step not in self._corrupt and self._store.exists(step_dirname(step)):
-            raise StepExistsError(f"{self.path(step)} already exists; save under a new step or delete it first")
-
     def _save_together(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None, verify: bool) -> None:
         """Save from every process of the group (rank 0 commits; see :mod:`runstate.parallel`)."""
 
         def start() -> None:  # on rank 0 only
-            self._claim(step)
-            self._move_aside_if_corrupt(step)
+            self._upkeep.claim(step)
+            self._upkeep.move_aside_if_corrupt(step)
 
         started = time.monotonic()
         def check(staging: Staging, manifest: bytes) -> None:  # rank 0, every process's files durable
@@ -338,13 +447,13 @@ class CheckpointManager:
                 "saved step %d from %d processes in %.2f s", step, self._group.size, time.monotonic() - started
             )
             try:
-                self._apply_retention(step)
+                self._upkeep.apply_retention(step)
             except CheckpointError as exc:
                 logger.warning("step %d is saved, but removing older checkpoints failed: %s", step, exc)
 
     def _write(self, step: int, prepared: PreparedState, verify: bool) -> None:
         started = time.monotonic()
-        self._move_aside_if_corrupt(step)
+        self._upkeep.move_aside_if_corrupt(step)
         with self._store.begin(step_dirname(step)) as staging:
             check = self._read_back(staging, step) if verify else None
             info = write_checkpoint(staging, prepared, step=step, before_commit=check)
@@ -355,10 +464,10 @@ class CheckpointManager:
             info.nbytes / 1e6,
             seconds,
             info.nbytes / 1e9 / max(seconds, 1e-9),
-            " in the background" if self._executor is not None else "",
+            " in the background" if self._saver is not None else "",
         )
         try:
-            self._apply_retention(step)
+            self._upkeep.apply_retention(step)
         except CheckpointError as exc:  # the new checkpoint is committed: do not fail the save
             logger.warning("step %d is saved, but removing older checkpoints failed: %s", step, exc)
 
@@ -382,45 +491,8 @@ class CheckpointManager:
         Raises:
             AsyncSaveError: the background save failed; its exception is the ``__cause__``.
         """
-        if self._pending is None:
-            return
-        step, future = self._pending
-        self._pending = None
-        try:
-            future.result()
-        except Exception as exc:
-            raise AsyncSaveError(
-                f"{self.path(step)}: the background save of step {step} failed, nothing was committed: {exc}",
-                step=step,
-            ) from exc
-
-    def _move_aside_if_corrupt(self, step: int) -> None:
-        """A step found corrupt by ``restore`` is kept for inspection under another name."""
-        path, name = self.path(step), step_dirname(step)
-        if step in self._corrupt and self._store.exists(name):
-            try:
-                aside = self._store.rename(name, f"{name}.corrupt-{int(time.time())}")
-            except OSError as exc:
-                raise CheckpointWriteError(
-                    exc.errno or 0, f"cannot move the damaged {path} aside to save step {step} again: {exc}"
-                ) from exc
-            self._corrupt.discard(step)
-            logger.warning("moved corrupt checkpoint %s aside to %s before saving step %d again", path, aside, step)
-
-    def _apply_retention(self, just_saved: int) -> None:
-        committed = {s: p for s, p in self._store.list_committed().items() if s not in self._corrupt}
-        metrics: dict[int, Mapping[str, Any]] = {}
-        if self.retention.needs_metrics:
-            for s, p in committed.items():
-                try:
-                    with CheckpointReader(self._store.child(step_dirname(s))) as reader:
-                        metrics[s] = reader.info().metrics
-                except CheckpointError as exc:
-                    logger.warning("retention: cannot read %s (%s); ranking it last", p, exc)
-        keep = self.retention.to_keep(list(committed), metrics, protected=(just_saved,))
-        for s in committed:
-            if s not in keep:
-                self._store.delete(step_dirname(s))
+        if self._saver is not None:
+            self._saver.wait()
 
     def restore(
         self,
@@ -430,8 +502,16 @@ class CheckpointManager:
         strict: bool = True,
         fallback: bool = True,
         rename: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+        exclude: Sequence[str] | None = None,
     ) -> int | None:
         r"""Restore ``state`` from the newest checkpoint (or ``step``).
+
+        Restoring an older ``step`` in a writing manager is a **rollback**: once it
+        succeeded, every newer committed step is set aside as ``step-N.abandoned-<12 hex>``
+        (kept, listed by :meth:`abandoned` and ``runstate ls``, removed only by
+        ``clean(abandoned=True)`` / ``runstate gc --abandoned``), so that a restart resumes the
+        new branch, its step numbers can be saved again, and retention keeps ``step`` through
+        the first ``keep_last`` saves after it. A read-only manager never moves anything.
 
         Args:
             state: the live state; restored in place (see :func:`runstate.load`).
@@ -442,6 +522,8 @@ class CheckpointManager:
                 deleted: retention skips them, and they stay for inspection.
             rename: per item, regex substitutions applied to the stored keys before matching,
                 e.g. ``{"model": [(r"^module\.", "")]}`` for a checkpoint written under DDP.
+            exclude: item names or glob patterns to leave alone (run metadata such as a
+                ``config`` the resumed run sets itself; see :func:`runstate.load`).
 
         After a restore, :attr:`last_restore_report` tells what did not match (with
         ``strict=False``: missing, unexpected and shape-mismatched keys per item, and
@@ -457,59 +539,20 @@ class CheckpointManager:
             StateMismatchError: ``strict`` and the state does not match the checkpoint.
         """
         validate_state(state, f"{self!r}.restore()")
+        prepare_loaders(state, saving=False)
         self.wait()
         if step is not None:
-            self._restore_from(self._existing(step), state, strict, rename)
+            self.last_restore_report = self._restorer.restore_from(self._existing(step), state, strict, rename, exclude)
+            if not self.read_only and self._group.rank == 0:
+                self._upkeep.rolled_back(step)
             return step
-        skipped: list[str] = []
-        if self._group.distributed:  # rank 0 lists; every process tries the same steps, in the same order
-            committed = self._store.list_committed() if self._group.rank == 0 else {}
-            listed = self._group.broadcast_text(",".join(map(str, committed)))
-            steps = [int(s) for s in listed.split(",") if s]
-            committed = {s: self._store.join(step_dirname(s)) for s in steps}
-        else:
-            committed = self._store.list_committed()
-        for candidate, path in reversed(committed.items()):
-            try:
-                self._restore_from(self._store.child(step_dirname(candidate)), state, strict, rename)
-            except CorruptCheckpointError as exc:
-                self._corrupt.add(candidate)
-                if not fallback:
-                    raise
-                logger.warning("skipping damaged checkpoint %s: %s", path, exc)
-                skipped.append(f"{path}: {exc}")
-                continue
-            if skipped:
-                logger.warning("restored step %d after skipping %d damaged checkpoint(s)", candidate, len(skipped))
-            return candidate
-        if skipped:
-            raise CorruptCheckpointError(
-                f"{self.directory}: every checkpoint is damaged, nothing was restored:\n  " + "\n  ".join(skipped)
-            )
-        return None
-
-    def _restore_from(
-        self,
-        store: Store,
-        state: MutableMapping[str, Any],
-        strict: bool,
-        rename: Mapping[str, Sequence[tuple[str, str]]] | None,
-    ) -> None:
-        error: CheckpointError | None = None
-        try:
-            reader = CheckpointReader(store)
-        except CheckpointNotFoundError as exc:  # a committed directory always has a manifest
-            error = CorruptCheckpointError(f"{store.location}: {MANIFEST_NAME} is missing", file=MANIFEST_NAME)
-            error.__cause__ = exc
-        except CheckpointError as exc:
-            error = exc
-        if self._group.distributed and self._group.all_min(0 if error else 1) == 0 and error is None:
-            reader.close()  # another process cannot read this manifest: all of them skip it alike
-            error = CorruptCheckpointError(f"{store.location}: another process cannot read {MANIFEST_NAME}")
-        if error is not None:
-            raise error
-        with reader:
-            self.last_restore_report = restore_state(reader, state, strict=strict, rename=rename, group=self._group)
+        found = self._restorer.restore_newest(
+            state, strict=strict, fallback=fallback, rename=rename, exclude=exclude, damaged=self._upkeep.corrupt
+        )
+        if found is None:
+            return None
+        restored, self.last_restore_report = found
+        return restored
 
 
 def _drop_page_cache(directory: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = ["Retention", "SaveCadence"]
 
@@ -90,10 +90,19 @@ class Retention:
         if self.keep_every is not None:
             keep |= {s for s in ordered if s % self.keep_every == 0}
         if self.keep_best is not None:
-            scored = []
+            scored: list[tuple[int | float, int, int]] = []
             for s in ordered:
                 v = metrics.get(s, {}).get(self.best_metric or "")
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+                if _rankable(v):
+                    # Python compares int with int and int with float exactly: no conversion
+                    # to float, so integers past 2**1024 rank too.
                     scored.append((v if self.best_mode == "min" else -v, -s, s))
             keep |= {s for _, _, s in sorted(scored)[: self.keep_best]}
         return keep
+
+
+def _rankable(value: Any) -> TypeGuard[int | float]:
+    """True for a metric ``keep_best`` can rank: any int or float but NaN (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or not math.isnan(value)  # math.isnan(2**1024) would overflow

@@ -4,32 +4,110 @@ Checkpoints may come from strangers, so nothing read is believed before it is ch
 manifest's own checksum and schema (with size limits), every file name (a plain name inside
 the checkpoint directory, never a symlink), every safetensors header against the manifest
 (dtype, shape, offsets inside the file, contiguous, not overlapping), and every tensor's
-XXH3 checksum. Whatever goes wrong surfaces as ``CorruptCheckpointError``, never as an
-exception from deep inside a parser. Nothing here can run code from the checkpoint: class
-names in the manifest are informational and never imported.
+XXH3 checksum. Whatever goes wrong with the bytes surfaces as ``CorruptCheckpointError``,
+never as an exception from deep inside a parser. Nothing here can run code from the
+checkpoint: class names in the manifest are informational and never imported.
+
+What goes wrong around the bytes is not damage: running out of file descriptors or memory,
+an I/O, network or permission error is a ``CheckpointReadError``, so that no caller skips or
+moves aside an intact checkpoint because of it. Tensor files are opened when needed and at
+most :data:`MAX_OPEN_FILES` stay open, so a checkpoint of any number of files reads under
+any open-file limit.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Mapping
-from typing import IO, Any
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import IO, Any, TypeVar
 
 import numpy as np
 
 from runstate.adapters import codec_for_lib, object_codecs
 from runstate.checkpoint import CheckpointInfo
-from runstate.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedTypeError
+from runstate.errors import CheckpointNotFoundError, CheckpointReadError, CorruptCheckpointError, UnsupportedTypeError
+from runstate.format.depth import stack_room
 from runstate.format.manifest import MANIFEST_NAME, ChunkedTensor, Manifest, TensorEntry
-from runstate.format.safetensors_io import checksum, file_metadata, header_bytes, read_header, read_tensor_bytes
+from runstate.format.safetensors_io import (
+    checksum,
+    checksum_range,
+    file_metadata,
+    header_bytes,
+    read_header,
+    read_tensor_bytes,
+)
 from runstate.format.tensors import DTYPE_SIZES, NumpyCodec
 from runstate.format.tree import Decoder
 from runstate.storage import Store, open_store
 
-__all__ = ["MAX_MANIFEST_BYTES", "CheckpointReader", "read_manifest_bytes"]
+__all__ = ["MAX_MANIFEST_BYTES", "MAX_OPEN_FILES", "CheckpointReader", "read_manifest_bytes"]
 
 #: A manifest larger than this is refused (a real one is a few MB for a large model).
 MAX_MANIFEST_BYTES = 1024**3
+
+#: Tensor files a reader keeps open at once; the least recently used is closed past this.
+MAX_OPEN_FILES = 16
+
+# OS errors that say something about the checkpoint's entries (missing, not a regular file,
+# a symlink refused by O_NOFOLLOW): damage. Any other OS error (EMFILE, ENFILE, ENOMEM, EIO,
+# EACCES, ETIMEDOUT...) is about the machine, not the checkpoint.
+_ENTRY_ERRNOS = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.ENAMETOOLONG}
+)
+
+_T = TypeVar("_T")
+
+
+def _read_error(where: str, exc: BaseException) -> CheckpointReadError:
+    if isinstance(exc, MemoryError):
+        code, what = errno.ENOMEM, "not enough memory"
+    else:
+        code, what = getattr(exc, "errno", None) or 0, getattr(exc, "strerror", None) or repr(exc)
+    return CheckpointReadError(
+        code,
+        f"{where}: cannot be read ({what}); this is not damage to the checkpoint: "
+        "fix the cause (open-file limit, memory, disk, network, permissions) and read it again",
+    )
+
+
+def _prefixed(header: bytes) -> bytes:
+    return struct.pack("<Q", len(header)) + header
+
+
+def _environment_error(exc: BaseException) -> BaseException | None:
+    """The OS or memory error behind ``exc`` when it is not about the checkpoint's content."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, MemoryError):
+            return exc
+        if isinstance(exc, OSError) and not isinstance(exc, (CorruptCheckpointError, CheckpointNotFoundError)):
+            return exc if exc.errno not in _ENTRY_ERRNOS and not isinstance(exc, FileNotFoundError) else None
+        exc = exc.__cause__  # type: ignore[assignment]
+        seen += 1
+    return None
+
+
+def _guarded(where: str, read: Callable[[], _T]) -> _T:
+    """Run ``read``, turning an OS or memory error that is not damage into ``CheckpointReadError``."""
+    try:
+        return read()
+    except CheckpointReadError:
+        raise
+    except CorruptCheckpointError as exc:  # a store may wrap any OS error as damage: look at the cause
+        cause = _environment_error(exc.__cause__) if exc.__cause__ is not None else None
+        if cause is not None:
+            raise _read_error(where, cause) from cause
+        raise
+    except CheckpointNotFoundError:
+        raise
+    except (OSError, MemoryError) as exc:
+        if _environment_error(exc) is None:
+            raise
+        raise _read_error(where, exc) from exc
 
 
 def _missing(store: Store) -> CheckpointNotFoundError:
@@ -64,22 +142,24 @@ def read_manifest_bytes(store: Store) -> bytes:
         CheckpointNotFoundError: there is no manifest.
         CorruptCheckpointError: it is not a regular file, or too large.
     """
+    where = store.join(MANIFEST_NAME)
     try:
-        f, size = store.open_read(MANIFEST_NAME)
+        f, size = _guarded(where, lambda: store.open_read(MANIFEST_NAME))
     except FileNotFoundError:
         raise _missing(store) from None
     with f:
         if size > MAX_MANIFEST_BYTES:
-            raise CorruptCheckpointError(
-                f"{store.join(MANIFEST_NAME)}: {size} bytes is implausibly large", file=MANIFEST_NAME
-            )
-        return f.read(size)  # never read(LIMIT): a buffered read allocates its whole argument up front
+            raise CorruptCheckpointError(f"{where}: {size} bytes is implausibly large", file=MANIFEST_NAME)
+        # never read(LIMIT): a buffered read allocates its whole argument up front
+        return _guarded(where, lambda: f.read(size))
 
 
 class CheckpointReader:
     """Reads a committed checkpoint; every tensor is checked against its checksum.
 
-    Use as a context manager so that open files are closed.
+    Use as a context manager so that open files are closed (and so that walking a tree of
+    the deepest kind has enough Python stack, whatever the caller's depth). Files are opened
+    when a tensor in them is read; at most :data:`MAX_OPEN_FILES` stay open.
 
     Args:
         path: the checkpoint: a local directory, a URL (``s3://bucket/run/step-...``) or a Store.
@@ -90,6 +170,7 @@ class CheckpointReader:
     Raises:
         CheckpointNotFoundError: ``path`` has no manifest.
         CorruptCheckpointError: the manifest is damaged or malformed.
+        CheckpointReadError: the manifest cannot be read for a reason that is not damage.
         FormatVersionError: the checkpoint needs a newer runstate.
     """
 
@@ -105,23 +186,33 @@ class CheckpointReader:
         raw = read_manifest_bytes(self.store) if manifest is None else manifest
         self.manifest = Manifest.from_json_bytes(raw, self.store.join(MANIFEST_NAME))
         self.manifest_nbytes = len(raw)
-        self._files: dict[str, tuple[IO[bytes], int]] = {}
+        self._files: OrderedDict[str, tuple[IO[bytes], int]] = OrderedDict()  # least recently used first
+        self._by_file: dict[str, dict[str, dict[str, TensorEntry]]] | None = None
+        self._headers: dict[str, bytes] = {}  # header bytes already checked, by file
+        self._rooms: list[AbstractContextManager[None]] = []
         self._objects = object_codecs(for_loading=True)
         #: Values already loaded by other means, by ``(item, tensor name)``: sharded tensors
         #: read into their live placement through torch.distributed.checkpoint.
         self.preloaded: dict[tuple[str, str], Any] = {}
 
     def __enter__(self) -> CheckpointReader:
+        room = stack_room()  # what reads a tree (restore, plain) recurses once per level
+        room.__enter__()
+        self._rooms.append(room)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            if self._rooms:
+                self._rooms.pop().__exit__(None, None, None)
 
     def close(self) -> None:
         """Close every open tensor file."""
-        for f, _ in self._files.values():
+        while self._files:
+            _, (f, _start) = self._files.popitem(last=False)
             f.close()
-        self._files.clear()
 
     def info(self) -> CheckpointInfo:
         """The checkpoint's :class:`CheckpointInfo`."""
@@ -136,48 +227,73 @@ class CheckpointReader:
         raise CorruptCheckpointError(f"manifest.json: metrics refer to tensor {name!r}", file=MANIFEST_NAME)
 
     def open_file(self, fname: str) -> tuple[IO[bytes], int]:
-        """Open a tensor file, checking its size and header; return it and its data offset."""
+        """Open a tensor file, checking its size and header; return it and its data offset.
+
+        On a local disk the file stays open until :data:`MAX_OPEN_FILES` others have been
+        opened after it (or :meth:`close`): use it before the next call. A file opened again
+        is checked again, cheaply: its header must be the bytes already checked.
+
+        Raises:
+            CorruptCheckpointError: the file is missing, not a regular file, of the wrong
+                size, or its header differs from the manifest.
+            CheckpointReadError: it cannot be opened or read for a reason that is not damage.
+        """
         if fname in self._files:
+            self._files.move_to_end(fname)
             return self._files[fname]
         fpath = self.store.join(fname)
         expected = self.manifest.files[fname]
+        while self.store.is_local and len(self._files) >= MAX_OPEN_FILES:  # object stores hold no descriptors
+            _, (old, _start) = self._files.popitem(last=False)
+            old.close()
         try:
-            f, size = self.store.open_read(fname)
+            f, size = _guarded(fpath, lambda: self.store.open_read(fname))
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{fpath}: file is missing; the checkpoint is incomplete", file=fname) from None
-        except CorruptCheckpointError:
+        except (CorruptCheckpointError, CheckpointReadError):
             raise
         except OSError as exc:
             raise CorruptCheckpointError(f"{fpath}: cannot be read ({exc})", file=fname) from exc
         try:
             if size != expected:
                 raise CorruptCheckpointError(f"{fpath}: size is {size} bytes, the manifest says {expected}", file=fname)
-            try:
-                header, data_start, raw = read_header(f, fpath, size)
-            except CorruptCheckpointError as exc:
-                exc.file = fname
-                raise
-            self._check_header(fpath, fname, header, raw, size - data_start)
+            known = self._headers.get(fname)
+            if known is not None and _guarded(fpath, lambda: f.read(8 + len(known))) == _prefixed(known):
+                data_start = 8 + len(known)
+            else:
+                f.seek(0)
+                try:
+                    header, data_start, raw = _guarded(fpath, lambda: read_header(f, fpath, size))
+                except CorruptCheckpointError as exc:
+                    exc.file = fname
+                    raise
+                self._check_header(fpath, fname, header, raw, size - data_start)
+                self._headers[fname] = raw
         except BaseException:
             f.close()
             raise
         self._files[fname] = (f, data_start)
         return f, data_start
 
+    def _owners(self, fname: str) -> dict[str, dict[str, TensorEntry]]:
+        """The tensors the manifest puts in ``fname``, by item (computed once for all files)."""
+        if self._by_file is None:
+            by_file: dict[str, dict[str, dict[str, TensorEntry]]] = {}
+            for item, entry in self.manifest.items.items():
+                for tname, e in entry.tensors.items():
+                    by_file.setdefault(e.file, {}).setdefault(item, {})[tname] = e
+            self._by_file = by_file
+        return self._by_file.get(fname, {})
+
     def _check_header(self, fpath: str, fname: str, header: dict[str, Any], raw: bytes, data_size: int) -> None:
-        owners = {
-            item: [(tname, e) for tname, e in entry.tensors.items() if e.file == fname]
-            for item, entry in self.manifest.items.items()
-        }
-        owners = {item: tensors for item, tensors in owners.items() if tensors}
+        owners = self._owners(fname)
         if len(owners) != 1:
             raise CorruptCheckpointError(
                 f"{fpath}: the manifest puts tensors of {len(owners)} items in this file, a tensor file holds "
                 "the tensors of exactly one item",
                 file=fname,
             )
-        ((item, tensors),) = owners.items()
-        listed = dict(tensors)
+        ((item, listed),) = owners.items()
         in_header = {k for k in header if k != "__metadata__"}
         if in_header != set(listed):
             raise CorruptCheckpointError(
@@ -233,15 +349,39 @@ class CheckpointReader:
 
     def read_verified(self, item: str, name: str) -> Any:
         """Read one tensor's bytes and check them against the checksum; return a uint8 array."""
+        return self._read(item, name, whole=True)
+
+    def verify_tensor(self, item: str, name: str) -> int:
+        """Check one tensor's bytes against its checksum, hashing them as a stream.
+
+        Memory stays small whatever the tensor's size: nothing is built from the bytes.
+
+        Returns:
+            The number of bytes checked.
+
+        Raises:
+            CorruptCheckpointError: the bytes are missing or their checksum differs.
+            CheckpointReadError: they cannot be read for a reason that is not damage.
+        """
+        self._read(item, name, whole=False)
+        entry = self.entry(item, name)
+        return entry.end - entry.begin
+
+    def _read(self, item: str, name: str, *, whole: bool) -> Any:
         entry = self.entry(item, name)
         f, data_start = self.open_file(entry.file)
         fpath = self.store.join(entry.file)
+        data: Any = None
         try:
-            data = read_tensor_bytes(f, fpath, data_start, entry.begin, entry.end)
+            if whole:
+                data = _guarded(fpath, lambda: read_tensor_bytes(f, fpath, data_start, entry.begin, entry.end))
+                digest = checksum(data)
+            else:
+                digest = _guarded(fpath, lambda: checksum_range(f, fpath, data_start, entry.begin, entry.end))
         except CorruptCheckpointError as exc:
             exc.file, exc.tensor = entry.file, name
             raise
-        if checksum(data) != entry.xxh3:
+        if digest != entry.xxh3:
             raise CorruptCheckpointError(
                 f"{fpath}: checksum mismatch in tensor {name!r} of item {item!r}; the file is "
                 "damaged, restore from another checkpoint",
@@ -274,7 +414,7 @@ class CheckpointReader:
     def _load_chunked(self, item: str, name: str, chunked: ChunkedTensor) -> Any:
         """Assemble a tensor saved in parts by several processes into one whole tensor."""
         size = DTYPE_SIZES[chunked.dtype]
-        whole = np.zeros((*chunked.shape, size), dtype=np.uint8)
+        whole = _guarded(f"{self.path}: chunked tensor {name!r}", lambda: np.zeros((*chunked.shape, size), np.uint8))
         for offsets, part in chunked.parts:
             entry = self.entry(item, part)
             block = self.read_verified(item, part).reshape((*entry.shape, size))

@@ -4,20 +4,38 @@ Restoring is two-phase: every item is read, verified and checked against the liv
 first, and only when all of that succeeded are objects changed in place (``load_state_dict``)
 and plain values replaced. A corrupt file or a mismatch therefore changes nothing. What did
 not match is returned as a :class:`RestoreReport`.
+
+Phase one checks everything that can be checked without changing anything: item names, keys,
+shapes and dtypes of state_dicts and of replaced values, the kind of every replaced value, the
+class of every stateful object (a module is checked by its keys instead), optimizer parameters
+and param groups (matched by name), devices a stored generator needs. Phase two cannot be
+undone: when a ``load_state_dict`` still raises there, the items already changed are named in
+a :class:`~runstate.errors.PartialRestoreError`. Snapshotting every item to roll it back would
+double the memory of a restore (a model's and its optimizer's tensors), so runstate does not.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import logging
 import re
 import sys
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from runstate.adapters import find_codec, object_codecs
 from runstate.distributed import PerRank, is_per_rank, on_resize, unwrap
-from runstate.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
+from runstate.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    PartialRestoreError,
+    StateMismatchError,
+    UnsupportedTypeError,
+)
 from runstate.format.manifest import per_rank_name
 from runstate.format.tree import NamedTupleState, StatefulState, format_path
 from runstate.group import Group, SingleProcess, same_everywhere
@@ -31,8 +49,13 @@ logger = logging.getLogger("runstate")
 
 #: ``{"model": [(r"^module\.", "")]}``: regex substitutions applied to an item's stored keys.
 Renames = Mapping[str, Sequence[tuple[str, str]]]
+_Rules = dict[str, list[tuple["re.Pattern[str]", str]]]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+# Problems with which an object is still loaded (what matches is restored): the report says
+# which parameters start fresh and which param groups keep their live hyper-parameters.
+_LOADABLE = ("new_parameter", "dropped_parameter", "param_groups")
 
 
 @dataclass(frozen=True)
@@ -43,8 +66,12 @@ class Mismatch:
         item: the top-level item.
         key: where, as a Python subscript path (``state['model']['fc.weight']``).
         kind: ``missing`` (live, not stored), ``unexpected`` (stored, not live), ``shape``,
-            ``dtype``, ``optimizer`` (parameter groups differ), ``new_parameter`` /
-            ``dropped_parameter`` (optimizer state matched by parameter name).
+            ``dtype``, ``kind`` (a replaced value of another kind: an array for a module, a
+            NumPy array for a torch tensor...), ``class`` (a stateful object of another class),
+            ``optimizer`` (parameter groups differ), ``param_groups`` (a param group that
+            matches no stored group by its parameters' names), ``new_parameter`` /
+            ``dropped_parameter`` (optimizer state matched by parameter name), ``device`` (a
+            stored generator of a device this machine lacks).
         message: the full sentence.
     """
 
@@ -66,12 +93,14 @@ class RestoreReport:
         mismatches: every difference found (empty after an exact restore).
         renamed: per item, how many stored keys the ``rename`` rules changed.
         hints: suggestions, e.g. a ``rename`` for a DDP or ``torch.compile`` prefix.
+        excluded: the items left alone because of ``exclude``.
     """
 
     path: str
     mismatches: tuple[Mismatch, ...] = ()
     renamed: dict[str, int] = field(default_factory=dict)
     hints: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -93,10 +122,12 @@ class _Plan:
 
     strict: bool
     state: Mapping[str, Any]
-    rename: Renames
+    rules: _Rules
+    source: str = ""
     actions: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
     problems: list[Mismatch] = field(default_factory=list)
     renamed: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
 
     def add(self, path: tuple[Any, ...], kind: str, text: str) -> None:
         where = format_path(path)
@@ -111,8 +142,25 @@ def _torch() -> Any:
     return torch_adapter
 
 
+def _unavailable(value: Any) -> str | None:
+    """Why a stored object cannot exist here (a CUDA generator without CUDA), else None.
+
+    Such a placeholder is only ever made by the torch adapter, so it can only exist when that
+    module is loaded.
+    """
+    adapter = sys.modules.get("runstate.adapters.torch")
+    if adapter is not None and isinstance(value, adapter.UnavailableGenerator):
+        return str(value.reason)
+    return None
+
+
 def plain(value: Any) -> Any:
-    """Replace every ``StatefulState`` in a decoded tree by its plain state."""
+    """Replace every ``StatefulState`` in a decoded tree by its plain state.
+
+    Raises:
+        UnsupportedTypeError: the tree holds a generator this machine cannot create (a CUDA
+            ``torch.Generator`` without CUDA).
+    """
     if isinstance(value, StatefulState):
         return plain(value.state)
     if isinstance(value, NamedTupleState):
@@ -123,15 +171,88 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     if type(value) is tuple:
         return tuple(plain(v) for v in value)
+    missing = _unavailable(value)
+    if missing is not None:
+        raise UnsupportedTypeError(
+            f"{missing}; load it on a machine that has that device, or restore into a live state "
+            "with strict=False to keep the live value instead"
+        )
     return value
 
 
+def _is_lazy(x: Any) -> bool:
+    """True for an uninitialized parameter of a lazy torch module (its shape is unknown)."""
+    adapter = _torch()
+    return adapter is not None and bool(adapter.is_lazy(x))
+
+
 def _is_tensor(x: Any) -> bool:
+    if _is_lazy(x):
+        return True
     return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, (int, float))
 
 
-def _compare(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan, *, keys: bool) -> None:
-    """Record key, shape and dtype differences between a live state_dict and a stored one."""
+def _kind(value: Any) -> str:
+    """What kind of value this is, in words; two values of the same kind can replace each other.
+
+    Plain values (numbers, strings, None, NumPy scalars) are one kind: a count stored as an
+    int replaces a live float. Containers, tensors of each library, generators of each kind
+    (and device) and the objects of each class are kinds of their own.
+    """
+    if isinstance(value, StatefulState):
+        return f"the state of a {value.type}"
+    if isinstance(value, NamedTupleState):
+        return "a list or tuple"
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, np.generic)):
+        return "a plain value"
+    if isinstance(value, dict):
+        return "a dict"
+    if isinstance(value, (list, tuple)):
+        return "a list or tuple"
+    missing = _unavailable(value)
+    if missing is not None:
+        return f"a torch.Generator on {value.device}"
+    codec = find_codec(value)
+    if codec is not None:
+        return "a NumPy array" if codec.lib == "numpy" else f"a {codec.lib} tensor"
+    for objects in object_codecs():
+        got = objects.get(value)
+        if got is not None:
+            attrs = ", ".join(f"{k} {v}" for k, v in sorted(got[2].items()))
+            return f"a {got[0]}" + (f" ({attrs})" if attrs else "")
+    return f"a {_qualname(type(value))}"
+
+
+def _tensor_differs(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan) -> bool:
+    """Record a shape or dtype difference between two tensors; True when there is one."""
+    if _is_lazy(template):  # an uninitialized lazy parameter takes the stored shape (like torch)
+        return False
+    if tuple(template.shape) != tuple(stored.shape):
+        plan.add(path, "shape", f"shape {tuple(stored.shape)} in checkpoint, {tuple(template.shape)} live")
+        return True
+    if str(template.dtype) != str(stored.dtype):
+        plan.add(path, "dtype", f"dtype {stored.dtype} in checkpoint, {template.dtype} live")
+        return True
+    return False
+
+
+def _replaceable(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan) -> bool:
+    """Check that a stored value may replace the live one: same kind; tensors of the same shape
+    and dtype. A live ``None`` is a placeholder that takes anything."""
+    if template is None:
+        return True
+    live, got = _kind(template), _kind(stored)
+    if live != got:
+        plan.add(path, "kind", f"{got} in the checkpoint, {live} live")
+        return False
+    if _is_tensor(template) and _is_tensor(stored) and not isinstance(template, np.generic):
+        return not _tensor_differs(template, stored, path, plan)
+    return True
+
+
+def _compare(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan, *, keys: bool, kinds: bool) -> None:
+    """Record key, shape, dtype (and with ``kinds``, tensor vs non-tensor) differences between
+    a live state_dict and a stored one."""
     if isinstance(template, dict) and isinstance(stored, dict):
         if keys and template:
             for k in template:
@@ -142,12 +263,13 @@ def _compare(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan, *, 
                     plan.add((*path, k), "unexpected", "in the checkpoint but not in the live object")
         for k, v in stored.items():
             if k in template:
-                _compare(template[k], v, (*path, k), plan, keys=False)
-    elif _is_tensor(template) and _is_tensor(stored):
-        if tuple(template.shape) != tuple(stored.shape):
-            plan.add(path, "shape", f"shape {tuple(stored.shape)} in checkpoint, {tuple(template.shape)} live")
-        elif str(template.dtype) != str(stored.dtype):
-            plan.add(path, "dtype", f"dtype {stored.dtype} in checkpoint, {template.dtype} live")
+                _compare(template[k], v, (*path, k), plan, keys=False, kinds=kinds)
+        return
+    live_tensor, stored_tensor = _is_tensor(template), _is_tensor(stored)
+    if live_tensor and stored_tensor:
+        _tensor_differs(template, stored, path, plan)
+    elif kinds and live_tensor != stored_tensor and template is not None:
+        plan.add(path, "kind", f"{_kind(stored)} in the checkpoint, {_kind(template)} live")
 
 
 def _place(stored: Any, template: Any, torch_adapter: Any) -> Any:
@@ -159,22 +281,84 @@ def _place(stored: Any, template: Any, torch_adapter: Any) -> Any:
     return torch_adapter.place_like(stored, template)
 
 
+def _compile_renames(rename: Renames | None, source: str) -> _Rules:
+    """Check and compile the ``rename`` rules before anything is read.
+
+    Raises:
+        StateMismatchError: a rule is not a ``(pattern, replacement)`` pair of strings, or a
+            pattern is not a valid regular expression.
+    """
+    if rename is None:
+        return {}
+    if not isinstance(rename, Mapping):
+        raise StateMismatchError(
+            f"{source}: rename must be a dict of item names to [(pattern, replacement), ...], "
+            f"got {type(rename).__qualname__}"
+        )
+    out: _Rules = {}
+    for item, rules in rename.items():
+        if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
+            raise StateMismatchError(f"{source}: rename[{item!r}] must be a list of (pattern, replacement) pairs")
+        compiled = []
+        for rule in rules:
+            if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and all(isinstance(x, str) for x in rule)):
+                raise StateMismatchError(
+                    f"{source}: rename[{item!r}]: each rule must be a (pattern, replacement) pair of strings, "
+                    f"got {rule!r}"
+                )
+            pattern, repl = rule
+            try:
+                compiled.append((re.compile(pattern), repl))
+            except re.error as exc:
+                raise StateMismatchError(
+                    f"{source}: rename[{item!r}]: pattern {pattern!r} is not a valid regular expression ({exc}); "
+                    "nothing was changed"
+                ) from exc
+        out[item] = compiled
+    return out
+
+
+def _renamed(item: str, key: str, plan: _Plan) -> str:
+    for pattern, repl in plan.rules.get(item, ()):
+        try:
+            key = pattern.sub(repl, key)
+        except (re.error, IndexError) as exc:  # e.g. a replacement naming a group the pattern lacks
+            raise StateMismatchError(
+                f"{plan.source}: rename[{item!r}]: replacement {repl!r} of pattern {pattern.pattern!r} is "
+                f"invalid ({exc}); nothing was changed"
+            ) from exc
+    return key
+
+
 def _apply_renames(item: str, stored: Any, plan: _Plan) -> Any:
-    """Rename an item's stored top-level keys with its regex rules."""
-    rules = plan.rename.get(item)
+    """Rename an item's stored top-level keys with its regex rules.
+
+    Raises:
+        StateMismatchError: the rules give two stored keys the same name (one would be lost).
+    """
+    rules = plan.rules.get(item)
     target = stored.state if isinstance(stored, StatefulState) else stored
     if not rules or not isinstance(target, dict):
         return stored
-    compiled = [(re.compile(pattern), repl) for pattern, repl in rules]
     out = type(target)()
+    origin: dict[Any, Any] = {}
+    clashes: dict[Any, list[Any]] = {}
     count = 0
     for key, value in target.items():
-        new = key
-        if isinstance(key, str):
-            for pattern, repl in compiled:
-                new = pattern.sub(repl, new)
+        new = _renamed(item, key, plan) if isinstance(key, str) else key
         count += new != key
+        if new in origin:
+            clashes.setdefault(new, [origin[new]]).append(key)
+        origin[new] = key
         out[new] = value
+    if clashes:
+        listed = "; ".join(f"{olds!r} -> {new!r}" for new, olds in list(clashes.items())[:10])
+        raise StateMismatchError(
+            f"{plan.source}: the rename rules of item {item!r} give several stored keys the same name, "
+            f"so all but one would be lost: {listed}"
+            f"{f' (and {len(clashes) - 10} more)' if len(clashes) > 10 else ''}; change the rules so that "
+            "each stored key gets a name of its own (nothing was changed)"
+        )
     plan.renamed[item] = count
     if isinstance(stored, StatefulState):
         return StatefulState(stored.type, out, stored.param_names)
@@ -185,17 +369,23 @@ def _rename_param(name: str | None, plan: _Plan) -> str | None:
     if name is None or "." not in name:
         return name
     item, rest = name.split(".", 1)
-    for pattern, repl in plan.rename.get(item, ()):
-        rest = re.sub(pattern, repl, rest)
-    return f"{item}.{rest}"
+    return f"{item}.{_renamed(item, rest, plan)}"
 
 
 def _restore_optimizer(obj: Any, stored: StatefulState, path: tuple[Any, ...], plan: _Plan, torch_adapter: Any) -> Any:
-    """Return the optimizer state_dict to load, matched by parameter name when they differ."""
+    """Return the optimizer state_dict to load, matched by parameter name when they differ.
+
+    Param groups are matched by their parameters' names too, so a group keeps its own
+    hyper-parameters when the groups are listed in another order.
+    """
     where = format_path(path)
     live_names = torch_adapter.optimizer_param_names(obj, plan.state)
     names = stored.param_names
-    if live_names is None or not torch_adapter.valid_param_names(names) or not isinstance(stored.state, dict):
+    if (
+        live_names is None
+        or not torch_adapter.valid_param_names(names)
+        or not torch_adapter.is_optimizer_state(stored.state)
+    ):
         for text in torch_adapter.check_optimizer(obj, stored.state, where):
             plan.add(path, "optimizer", text.removeprefix(f"{where}: "))
         return stored.state
@@ -204,63 +394,144 @@ def _restore_optimizer(obj: Any, stored: StatefulState, path: tuple[Any, ...], p
         for text in torch_adapter.check_optimizer(obj, stored.state, where):
             plan.add(path, "optimizer", text.removeprefix(f"{where}: "))
         return stored.state
-    remapped, kept, new, gone = torch_adapter.remap_optimizer_state(obj, stored.state, names, live_names)
+    remapped, kept, new, gone, unmatched = torch_adapter.remap_optimizer_state(obj, stored.state, names, live_names)
     for n in new:
         plan.add((*path, n), "new_parameter", "new parameter: its optimizer state starts fresh")
     for n in gone:
         plan.add((*path, n), "dropped_parameter", "parameter no longer in the model: its optimizer state is dropped")
+    for gi, why in unmatched:
+        plan.add(
+            (*path, "param_groups", gi),
+            "param_groups",
+            f"this param group matches no param group of the checkpoint ({why}), so it keeps its live "
+            "hyper-parameters (lr, weight_decay...); build the optimizer with the groups of the run that saved",
+        )
     logger.info("%s: optimizer state matched by name for %d parameters", where, len(kept))
     return remapped
 
 
+def _same_class(stored: str, cls: type) -> bool:
+    """True when ``stored`` (``<module>.<qualname>``) names ``cls``.
+
+    A class defined in the script that saved is ``__main__.X`` there and ``train.X`` when the
+    script is imported (or the other way round): those match.
+    """
+    live = _qualname(cls)
+    if stored == live:
+        return True
+    if stored.startswith("__main__."):
+        return stored.removeprefix("__main__.") == cls.__qualname__
+    return cls.__module__ == "__main__" and stored.endswith(f".{cls.__qualname__}")
+
+
+def _check_class(obj: Any, stored: StatefulState, path: tuple[Any, ...], plan: _Plan) -> bool:
+    """Record a stateful object of another class than the stored one; True when they match.
+
+    The state_dict of one class does not fit another (Adam's moments in SGD, a StepLR's
+    state in a CosineAnnealingLR): loading it would be accepted and go wrong later.
+    """
+    if _same_class(stored.type, type(obj)):
+        return True
+    plan.add(
+        path,
+        "class",
+        f"the checkpoint holds the state of a {stored.type}, the live object is a {_qualname(type(obj))}; "
+        f"restore into an object of the stored class, or pass exclude=[{path[0]!r}] to leave this item alone",
+    )
+    plan.skipped.append(format_path(path))
+    return False
+
+
+def _live_state(get: Callable[[], Any], path: tuple[Any, ...], what: str) -> Any:
+    """Call a live object's ``state_dict()`` (user code): its failure is a clear error."""
+    try:
+        return get()
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise StateMismatchError(f"{format_path(path)}: {what} raised {exc!r}; nothing was changed") from exc
+
+
+def _check_devices(stored: Any, path: tuple[Any, ...], plan: _Plan) -> bool:
+    """Record every stored generator in a tree that this machine cannot create; True if any."""
+    missing = _unavailable(stored)
+    if missing is not None:
+        plan.add(path, "device", f"{missing}; pass strict=False to keep the live value")
+        return True
+    if isinstance(stored, dict):
+        return any([_check_devices(v, (*path, k), plan) for k, v in stored.items()])
+    if type(stored) in (list, tuple):
+        return any([_check_devices(v, (*path, i), plan) for i, v in enumerate(stored)])
+    return False
+
+
 def _restore_stateful(obj: Any, stored: StatefulState, path: tuple[Any, ...], plan: _Plan) -> None:
     where = format_path(path)
-    template = obj.state_dict()
     torch_adapter = _torch()
+    module = torch_adapter is not None and torch_adapter.is_module(obj)
+    # A module is checked by its keys, shapes and dtypes, not its class: wrappers (DDP,
+    # torch.compile), lazy modules that change class, and renamed model classes load fine.
+    if not module and not _check_class(obj, stored, path, plan):
+        return
+    template = _live_state(obj.state_dict, path, f"{type(obj).__qualname__}.state_dict()")
     before = len(plan.problems)
     source = stored.state
     if torch_adapter is not None and torch_adapter.is_optimizer(obj):
         source = _restore_optimizer(obj, stored, path, plan, torch_adapter)
-    _compare(template, source, path, plan, keys=True)
+    elif torch_adapter is not None and not module:
+        for text in torch_adapter.check_scheduler(obj, source, where):
+            plan.add(path, "optimizer", text.removeprefix(f"{where}: "))  # not loaded when not strict
+    _compare(template, source, path, plan, keys=True, kinds=module)
+    _check_devices(source, path, plan)
     problems = plan.problems[before:]
     state = _place(source, template, torch_adapter)
-    if torch_adapter is not None and torch_adapter.is_module(obj):
+    if module:
         if problems and isinstance(state, dict):
-            state = {
-                k: v
-                for k, v in state.items()
-                if k in template and not (_is_tensor(v) and tuple(v.shape) != tuple(template[k].shape))
-            }
+            bad = {p.key for p in problems}
+            state = {k: v for k, v in state.items() if k in template and format_path((*path, k)) not in bad}
         plan.actions.append((where, lambda: obj.load_state_dict(state, strict=not problems)))
-    elif problems and not all(p.kind in ("new_parameter", "dropped_parameter") for p in problems):
-        plan.actions.append((where, lambda: logger.warning("skipped restoring %s: it does not match", where)))
+    elif problems and not all(p.kind in _LOADABLE for p in problems):
+        plan.skipped.append(where)
     else:
         plan.actions.append((where, lambda: obj.load_state_dict(state)))
 
 
 def _restore_into(template: Any, stored: Any, path: tuple[Any, ...], plan: _Plan) -> Any:
-    """Return the value that replaces ``template``; schedule in-place loads in ``plan``."""
+    """Return the value that replaces ``template``; schedule in-place loads in ``plan``.
+
+    A stored value that may not replace the live one (another kind, shape or dtype) is a
+    problem, and the live value is kept.
+    """
     if isinstance(stored, dict) and not isinstance(template, dict) and is_stateful(template):
         # A plain dict stored for a live object (e.g. a state_dict saved on its own): load it.
-        stored = StatefulState(f"{type(template).__module__}.{type(template).__qualname__}", stored)
+        stored = StatefulState(_qualname(type(template)), stored)
     if isinstance(stored, StatefulState):
         registered = registry.get(type(template))
         if registered is not None:
             _restore_registered(template, registered, stored, path, plan)
             return template
         if is_stateful(template):
-            _restore_stateful(template, _with_namedtuples(stored, template), path, plan)
+            _restore_stateful(template, _with_namedtuples(stored, template, path), path, plan)
+            return template
+        if not _replaceable(template, stored, path, plan) or _check_devices(stored.state, path, plan):
             return template
         return plain(stored)
     if isinstance(stored, NamedTupleState):
+        if template is not None and not isinstance(template, tuple):
+            _replaceable(template, stored, path, plan)
+            return template
         return _restore_namedtuple(template, stored, path, plan)
-    if isinstance(stored, dict):
-        t = template if isinstance(template, dict) else {}
-        return type(stored)((k, _restore_into(t.get(k), v, (*path, k), plan)) for k, v in stored.items())
-    if type(stored) in (list, tuple):
+    if isinstance(stored, dict) or type(stored) in (list, tuple):
+        if not _replaceable(template, stored, path, plan):
+            return template
+        if isinstance(stored, dict):
+            t = template if isinstance(template, dict) else {}
+            return type(stored)((k, _restore_into(t.get(k), v, (*path, k), plan)) for k, v in stored.items())
         seq = template if isinstance(template, (list, tuple)) and len(template) == len(stored) else [None] * len(stored)
         out = [_restore_into(a, b, (*path, i), plan) for i, (a, b) in enumerate(zip(seq, stored, strict=True))]
         return out if type(stored) is list else tuple(out)
+    if _check_devices(stored, path, plan) or not _replaceable(template, stored, path, plan):
+        return template
     live_object = template is not None and type(template) is type(stored) and not _is_tensor(stored)
     if live_object and _copy_into_later(template, stored, path, plan):
         return template
@@ -345,10 +616,11 @@ def _namedtuples_like(stored: Any, template: Any) -> Any:
     return stored
 
 
-def _with_namedtuples(stored: StatefulState, obj: Any) -> StatefulState:
+def _with_namedtuples(stored: StatefulState, obj: Any, path: tuple[Any, ...]) -> StatefulState:
     if not _has_namedtuples(stored.state):
         return stored
-    return StatefulState(stored.type, _namedtuples_like(stored.state, obj.state_dict()), stored.param_names)
+    template = _live_state(obj.state_dict, path, f"{type(obj).__qualname__}.state_dict()")
+    return StatefulState(stored.type, _namedtuples_like(stored.state, template), stored.param_names)
 
 
 def _restore_registered(
@@ -356,12 +628,17 @@ def _restore_registered(
 ) -> None:
     """An object of a class registered with ``runstate.register``: ``set_state`` in place."""
     where = format_path(path)
-    template = registered.get_state(obj)
+    if not _check_class(obj, stored, path, plan):
+        return
+    template = _live_state(
+        lambda: registered.get_state(obj), path, f"the get_state registered for {type(obj).__qualname__}"
+    )
     before = len(plan.problems)
-    _compare(template, stored.state, path, plan, keys=True)
+    _compare(template, stored.state, path, plan, keys=True, kinds=False)
+    _check_devices(stored.state, path, plan)
     state = _namedtuples_like(stored.state, template)
     if len(plan.problems) > before:
-        plan.actions.append((where, lambda: logger.warning("skipped restoring %s: it does not match", where)))
+        plan.skipped.append(where)
     else:
         plan.actions.append((where, lambda: registered.set_state(obj, state)))
 
@@ -424,21 +701,52 @@ class PendingRestore:
     report: RestoreReport
     actions: list[tuple[str, Callable[[], Any]]]
     replacements: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)
 
     def apply(self) -> RestoreReport:
-        """Change the live objects and values; returns the report."""
+        """Change the live objects and values; returns the report.
+
+        Raises:
+            PartialRestoreError: a ``load_state_dict`` (or a registered ``set_state``) raised;
+                it names the items already restored. Plain values are replaced only after
+                every object was loaded, so they are all still live.
+        """
+        for where in self.skipped:
+            logger.warning("skipped restoring %s: it does not match", where)
+        done: list[str] = []
         for where, action in self.actions:
             try:
                 action()
-            except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-                raise StateMismatchError(f"{self.reader.path}: loading {where} failed: {exc}") from exc
-        for key, value in self.replacements.items():
-            live = self.state[key]
-            if isinstance(live, PerRank):
-                live.value = value
-            elif value is not live:
-                self.state[key] = value
+            except Exception as exc:  # whatever user code raises: the caller learns what changed
+                raise self._partial(where, done, exc) from exc
+            done.append(where)
+        try:
+            for key, value in self.replacements.items():
+                live = self.state[key]
+                if isinstance(live, PerRank):
+                    live.value = value
+                elif value is not live:
+                    self.state[key] = value
+        except Exception as exc:
+            raise self._partial("the plain values", done, exc) from exc
         return self.report
+
+    def _partial(self, where: str, done: list[str], exc: Exception) -> PartialRestoreError:
+        if done:
+            changed = f"{', '.join(done)} {'was' if len(done) == 1 else 'were'} already restored"
+            advice = (
+                "the live state is now a mix of restored and live values: rebuild these objects (or "
+                "restart the process) before restoring again"
+            )
+        else:
+            changed = "no other item had been changed yet"
+            advice = "fix the cause and restore again"
+        err = PartialRestoreError(
+            f"{self.reader.path}: restoring {where} raised {type(exc).__name__}: {exc}; {changed}; {where} may "
+            f"be partly changed, every other item and plain value keeps its live value; {advice}"
+        )
+        err.restored, err.failed, err.report = tuple(done), where, self.report
+        return err
 
 
 def _stored_names(
@@ -481,6 +789,24 @@ def _stored_names(
     return names, covered
 
 
+def _exclusion(exclude: str | Iterable[str] | None, source: str) -> Callable[[str], bool]:
+    """The test ``exclude`` stands for: item names or glob patterns (``"config"``, ``"log_*"``)."""
+    if exclude is None:
+        return lambda _name: False
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude) if isinstance(exclude, Iterable) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise StateMismatchError(
+            f"{source}: exclude must be a list of item names or glob patterns (e.g. ['config', 'log_*']), "
+            f"got {exclude!r}"
+        )
+
+    def excluded(name: str) -> bool:
+        base = re.sub(r"@rank\d+$", "", name)  # a per-rank item's stored copies
+        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
+
+    return excluded
+
+
 def plan_restore(
     reader: CheckpointReader,
     state: MutableMapping[str, Any],
@@ -488,23 +814,31 @@ def plan_restore(
     strict: bool,
     rename: Renames | None = None,
     group: Group | None = None,
+    exclude: str | Iterable[str] | None = None,
 ) -> PendingRestore:
     """Phase one: read, verify and check everything; change nothing.
 
+    Items of ``state`` (and of the checkpoint) whose names match ``exclude`` are left alone:
+    neither read nor checked nor changed.
+
     Raises:
         CorruptCheckpointError: a checksum, size or header does not match.
-        StateMismatchError: ``strict`` and the state does not match.
+        StateMismatchError: ``strict`` and the state does not match; or a ``rename`` or
+            ``exclude`` option is malformed.
     """
     group = group or SingleProcess()
-    plan = _Plan(strict=strict, state=state, rename=rename or {})
+    plan = _Plan(strict=strict, state=state, rules=_compile_renames(rename, reader.path), source=reader.path)
+    excluded = _exclusion(exclude, reader.path)
+    left_alone = tuple(k for k in state if excluded(k))
+    live = {k: v for k, v in state.items() if k not in left_alone}
     stored_items = reader.manifest.items
-    names, covered = _stored_names(reader, state, group, plan)
+    names, covered = _stored_names(reader, live, group, plan)
     for key, stored_key in names.items():
         if stored_key not in stored_items:
             listed = sorted(k for k in stored_items if "@rank" not in k)
             plan.add((key,), "missing", f"item missing from the checkpoint (it has {listed})")
     for key in stored_items:
-        if key not in covered:
+        if key not in covered and not excluded(key):
             plan.add((key,), "unexpected", "item in the checkpoint but not in the state")
     if group.distributed:
         from runstate.adapters.torch_dist import preload_sharded
@@ -525,7 +859,9 @@ def plan_restore(
         if stored_key in stored_items:
             stored = _apply_renames(key, reader.load_item(stored_key), plan)
             replacements[key] = _restore_item(unwrap(state[key]), stored, (key,), plan)
-    report = RestoreReport(reader.path, tuple(plan.problems), dict(plan.renamed), tuple(_hints(plan.problems)))
+    report = RestoreReport(
+        reader.path, tuple(plan.problems), dict(plan.renamed), tuple(_hints(plan.problems)), left_alone
+    )
     if plan.problems:
         if strict:
             err = StateMismatchError(
@@ -535,7 +871,7 @@ def plan_restore(
             err.report = report
             raise err
         logger.warning("%s: restoring only what matches; %d problems:\n  %s", reader.path, len(plan.problems), report)
-    return PendingRestore(reader, state, report, plan.actions, replacements)
+    return PendingRestore(reader, state, report, plan.actions, replacements, plan.skipped)
 
 
 def restore_state(
@@ -545,6 +881,7 @@ def restore_state(
     strict: bool,
     rename: Renames | None = None,
     group: Group | None = None,
+    exclude: str | Iterable[str] | None = None,
 ) -> RestoreReport:
     """Restore ``state`` from ``reader``'s checkpoint (see ``runstate.load``).
 
@@ -553,11 +890,11 @@ def restore_state(
     """
     group = group or SingleProcess()
     if group.size == 1:
-        return plan_restore(reader, state, strict=strict, rename=rename, group=group).apply()
+        return plan_restore(reader, state, strict=strict, rename=rename, group=group, exclude=exclude).apply()
     status = _OK
     error: Exception | None = None
     try:
-        pending = plan_restore(reader, state, strict=strict, rename=rename, group=group)
+        pending = plan_restore(reader, state, strict=strict, rename=rename, group=group, exclude=exclude)
     except CorruptCheckpointError as exc:
         status, error = _CORRUPT, exc
     except StateMismatchError as exc:

@@ -7,6 +7,7 @@ after the resume point, so the run is no longer the same run.
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["RNG"]
+
+logger = logging.getLogger("runstate")
 
 
 class RNG:
@@ -53,6 +56,10 @@ class RNG:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Set every global generator from ``state_dict``.
 
+        CUDA generators are set for the devices this machine has; the states of devices it
+        lacks (a checkpoint from a GPU machine restored on a CPU one) are skipped with a
+        WARNING: nothing here can draw from them.
+
         Raises:
             KeyError: ``state_dict`` lacks the Python or NumPy part.
         """
@@ -65,9 +72,19 @@ class RNG:
 
             torch.set_rng_state(saved_torch["cpu"].to("cpu"))
             cuda = saved_torch.get("cuda") or []
-            if cuda and torch.cuda.is_available():
-                for i, s in enumerate(cuda[: torch.cuda.device_count()]):
-                    torch.cuda.set_rng_state(s.to("cpu"), i)
+            here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            for i, s in enumerate(cuda[:here]):
+                torch.cuda.set_rng_state(s.to("cpu"), i)
+            if len(cuda) > here:
+                # Nothing here draws from a device this machine lacks, so the rest still resumes
+                # exactly; a later checkpoint no longer holds those devices' states.
+                logger.warning(
+                    "runstate.RNG: the checkpoint holds the random state of %d CUDA device(s), this machine "
+                    "has %d: the state of %d device(s) is not restored",
+                    len(cuda),
+                    here,
+                    len(cuda) - here,
+                )
 
     def __repr__(self) -> str:
         return "runstate.RNG()"

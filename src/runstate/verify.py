@@ -2,7 +2,10 @@
 
 It reports *all* problems it can find (not just the first): the manifest, each file's
 presence, type and size, each safetensors header against the manifest, every tensor
-checksum, and every tensor the typed trees refer to.
+checksum, and every tensor the typed trees refer to. Tensors are hashed as a stream, so
+memory stays small whatever their size. A failure that is not damage (too many open files,
+no memory, an I/O or permission error) is not reported as a problem: it raises
+``CheckpointReadError``, since nothing can be said about the checkpoint.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from runstate.errors import CheckpointError, CorruptCheckpointError
+from runstate.errors import CheckpointError, CheckpointReadError, CorruptCheckpointError
 from runstate.format.manifest import MANIFEST_NAME
 from runstate.format.tree import Decoder
 from runstate.reader import CheckpointReader
@@ -72,17 +75,19 @@ def _problem(exc: CheckpointError, path: str, default_file: str | None = None) -
     return Problem(file, getattr(exc, "tensor", None), reason)
 
 
-def _tensor_refs(node: Any, out: set[str], depth: int = 0) -> None:
-    if depth > 500 or not isinstance(node, (dict, list)):
-        return
-    if isinstance(node, dict):
-        if node.get("t") == "tensor" and isinstance(node.get("name"), str):
-            out.add(node["name"])
-        for v in node.values():
-            _tensor_refs(v, out, depth + 1)
-    else:
-        for v in node:
-            _tensor_refs(v, out, depth + 1)
+def _tensor_refs(tree: Any) -> set[str]:
+    """Every tensor name a tree refers to (a walk with its own stack: any depth)."""
+    out: set[str] = set()
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            if node.get("t") == "tensor" and isinstance(node.get("name"), str):
+                out.add(node["name"])
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return out
 
 
 class _Placeholders:
@@ -111,6 +116,10 @@ def verify(
     Returns:
         A :class:`VerifyReport`; ``report.ok`` is False when anything is wrong.
 
+    Raises:
+        CheckpointReadError: the checkpoint could not be read for a reason that is not damage
+            (open-file limit, memory, I/O, network or permissions): no verdict.
+
     Example:
         >>> report = runstate.verify("runs/exp/step-000000001000")  # doctest: +SKIP
         >>> for problem in report.problems:
@@ -120,13 +129,19 @@ def verify(
     path = store.location
     try:
         reader = CheckpointReader(store)
+    except CheckpointReadError:
+        raise
     except CheckpointError as exc:
         return VerifyReport(path, False, (_problem(exc, path, MANIFEST_NAME),))
     return verify_reader(reader)
 
 
 def verify_reader(reader: CheckpointReader) -> VerifyReport:
-    """Check every file and tensor of an opened checkpoint (closes the reader)."""
+    """Check every file and tensor of an opened checkpoint (closes the reader).
+
+    Raises:
+        CheckpointReadError: a file could not be read for a reason that is not damage.
+    """
     path = reader.path
     problems: list[Problem] = []
     checked = nbytes = 0
@@ -139,8 +154,7 @@ def verify_reader(reader: CheckpointReader) -> VerifyReport:
                 problems.append(_problem(exc, path, fname))
                 bad_files.add(fname)
         for item, entry in reader.manifest.items.items():
-            refs: set[str] = set()
-            _tensor_refs(entry.tree, refs)
+            refs = _tensor_refs(entry.tree)
             for name in sorted(refs - set(entry.tensors) - set(entry.chunks)):
                 problems.append(
                     Problem(MANIFEST_NAME, name, f"item {item!r} refers to a tensor missing from the index")
@@ -149,12 +163,11 @@ def verify_reader(reader: CheckpointReader) -> VerifyReport:
                 if tensor.file in bad_files:
                     continue
                 try:
-                    reader.read_verified(item, name)
+                    nbytes += reader.verify_tensor(item, name)
                 except CorruptCheckpointError as exc:
                     problems.append(_problem(exc, path, tensor.file))
                 else:
                     checked += 1
-                    nbytes += tensor.end - tensor.begin
             try:
                 Decoder(item, lambda _name: None, [_Placeholders()]).decode(entry.tree)
             except CheckpointError as exc:

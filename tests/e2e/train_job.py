@@ -60,8 +60,8 @@ CONFIGS = {
     "rmsprop_steplr_scaler": ("rmsprop", "steplr", 0, True),
     "adagrad_plateau": ("adagrad", "plateau", 2, False),
 }
-# torchdata's own shuffled StatefulDataLoader (not runstate.torch.resumable_loader): used
-# only to show that it does not resume exactly on its own.
+# torchdata's own shuffled StatefulDataLoader (not runstate.torch.resumable_loader), as users
+# write it: it resumes exactly through runstate (tests/test_exact_resume.py).
 PLAIN_LOADER_CONFIGS = {
     "plain_loader_workers0": ("adamw", "onecycle", 0, False),
     "plain_loader_workers2": ("adamw", "onecycle", 2, False),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from runstate.errors import UnsupportedTypeError
 from runstate.format.tensors import NumpyCodec, TensorCodec
 from runstate.format.tree import CoreObjects, ObjectCodec
 
-__all__ = ["codec_for_lib", "find_codec", "jax_adapter", "object_codecs"]
+__all__ = ["codec_for_lib", "find_codec", "jax_adapter", "object_codecs", "prepare_loaders"]
 
 _NUMPY = NumpyCodec()
 
@@ -114,6 +115,15 @@ class _TorchGeneratorsWhenLoaded:
         return False
 
 
+def prepare_loaders(state: Any, *, saving: bool, require_exact: bool = False) -> None:
+    """Make the data loaders of ``state`` resume exactly, or flag those that cannot (see
+    ``runstate.adapters.data``)."""
+    if isinstance(state, Mapping):
+        from runstate.adapters import data
+
+        data.prepare(state, saving=saving, require_exact=require_exact)
+
+
 def object_codecs(*, for_loading: bool = False) -> list[ObjectCodec]:
     """Codecs for generator objects; torch's is included when the program has imported torch;
     when loading without it, a stand-in imports torch only if the checkpoint holds a generator.
@@ -121,7 +131,9 @@ def object_codecs(*, for_loading: bool = False) -> list[ObjectCodec]:
     JAX's (typed PRNG keys) is included when the program has imported jax; when loading
     without it, a stand-in imports jax only if the checkpoint holds a typed key.
     """
-    codecs: list[ObjectCodec] = [CoreObjects()]
+    from runstate.adapters.data import GeneratorObjects
+
+    codecs: list[ObjectCodec] = [CoreObjects(), GeneratorObjects()]
     if "torch" in sys.modules:
         with contextlib.suppress(ImportError):
             codecs.append(_torch_adapter().OBJECTS)

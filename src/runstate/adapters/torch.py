@@ -5,6 +5,7 @@ Imported only when a torch value is met, so ``import runstate`` never imports to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -156,8 +157,9 @@ class TorchObjects:
         if kind != "torch.Generator":
             raise KeyError(kind)
         device = str(attrs.get("device", "cpu"))
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            device = "cpu"
+        missing = _missing_device(device)
+        if missing is not None:  # not damage: restore decides (strict: an error; else skipped)
+            return UnavailableGenerator(device, missing)
         gen = torch.Generator(device=device)
         gen.set_state(state)
         return gen
@@ -167,6 +169,42 @@ class TorchObjects:
             target.set_state(source.get_state())
             return True
         return False
+
+
+@dataclass(frozen=True)
+class UnavailableGenerator:
+    """What a stored ``torch.Generator`` of a device this machine lacks decodes to.
+
+    A CUDA generator's state cannot be put into a CPU generator (the states differ in size and
+    meaning), so it is not rebuilt at all: restoring reports it (``strict=True``: an error;
+    ``strict=False``: the live value is kept, with a warning).
+
+    Attributes:
+        device: the stored generator's device (``"cuda:0"``).
+        reason: why it cannot be rebuilt here, as a sentence.
+    """
+
+    device: str
+    reason: str
+
+
+def _missing_device(device: str) -> str | None:
+    """Why a generator of ``device`` cannot be created here, or None when it can."""
+    if not device.startswith("cuda"):
+        return None
+    if not torch.cuda.is_available():
+        return f"a torch.Generator on {device} is stored, but CUDA is not available on this machine"
+    _, colon, index_text = device.partition(":")
+    index = int(index_text) if index_text.isdigit() else (-1 if colon else 0)
+    if not 0 <= index < torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        return f"a torch.Generator on {device} is stored, but this machine has {count} CUDA device(s)"
+    return None
+
+
+def is_lazy(value: Any) -> bool:
+    """True for an uninitialized parameter or buffer of a lazy module (``nn.LazyLinear``)."""
+    return isinstance(value, torch.Tensor) and bool(torch.nn.parameter.is_lazy(value))
 
 
 CODEC = TorchCodec()
@@ -203,17 +241,23 @@ def _hashable(value: Any) -> bool:
     return True
 
 
+def is_optimizer_state(stored: Any) -> bool:
+    """True when ``stored`` has the shape of an optimizer state_dict (checkpoints are untrusted)."""
+    groups = stored.get("param_groups") if isinstance(stored, dict) else None
+    return (
+        isinstance(groups, list)
+        and all(isinstance(g, dict) and isinstance(g.get("params", []), list) for g in groups)
+        and isinstance(stored.get("state"), dict)
+        and all(_hashable(i) for g in groups for i in g.get("params", []))
+    )
+
+
 def check_optimizer(opt: torch.optim.Optimizer, stored: Any, where: str) -> list[str]:
     """Problems that would make ``opt.load_state_dict(stored)`` wrong or fail."""
     problems: list[str] = []
-    groups = stored.get("param_groups") if isinstance(stored, dict) else None
-    if (
-        not isinstance(groups, list)
-        or not all(isinstance(g, dict) and isinstance(g.get("params", []), list) for g in groups)
-        or not isinstance(stored.get("state"), dict)
-        or not all(_hashable(i) for g in groups for i in g.get("params", []))
-    ):  # a checkpoint is data from anywhere: its shape is checked before it is used
+    if not is_optimizer_state(stored):  # a checkpoint is data from anywhere: its shape is checked before use
         return [f"{where}: the checkpoint does not hold an optimizer state_dict"]
+    groups = stored["param_groups"]
     if len(groups) != len(opt.param_groups):
         return [
             f"{where}['param_groups']: checkpoint has {len(groups)} param groups, "
@@ -241,6 +285,24 @@ def check_optimizer(opt: torch.optim.Optimizer, stored: Any, where: str) -> list
                     f"parameter has shape {tuple(param.shape)}"
                 )
     return problems
+
+
+def check_scheduler(sched: Any, stored: Any, where: str) -> list[str]:
+    """Problems of an LR scheduler's stored state: its per-group lists must fit the optimizer.
+
+    A scheduler's ``base_lrs`` (``min_lrs`` for ``ReduceLROnPlateau``) has one entry per param
+    group; loaded for another number of groups it is accepted, and wrong at the next step.
+    """
+    optimizer = getattr(sched, "optimizer", None)
+    if not isinstance(optimizer, torch.optim.Optimizer) or not isinstance(stored, dict):
+        return []
+    groups = len(optimizer.param_groups)
+    return [
+        f"{where}[{key!r}]: the checkpoint's scheduler drives {len(stored[key])} param groups, the live "
+        f"optimizer has {groups}"
+        for key in ("base_lrs", "min_lrs")
+        if isinstance(stored.get(key), list) and len(stored[key]) != groups
+    ]
 
 
 def place_like(stored: Any, template: Any) -> Any:
@@ -277,32 +339,85 @@ def valid_param_names(names: Any) -> bool:
     )
 
 
+def _match_groups(
+    live_names: list[list[str | None]], stored_names: list[list[str | None]]
+) -> list[int | str]:
+    """For each live param group, the stored group it restores from, or why there is none.
+
+    Groups are matched by their parameters' names, never by position: a live group matches
+    the one stored group that holds all of its named parameters (parameters new to the model
+    do not count), when no other live group matches it too. A group of parameters outside
+    every module (no names at all) matches the stored group at its position if that one has
+    no names either.
+    """
+    group_of: dict[str, int] = {}
+    for gi, names in enumerate(stored_names):
+        for name in names:
+            if name is not None:
+                group_of[name] = gi
+    found: list[set[int]] = [{group_of[n] for n in names if n is not None and n in group_of} for names in live_names]
+    out: list[int | str] = []
+    for gi, (names, groups) in enumerate(zip(live_names, found, strict=True)):
+        if len(groups) == 1:
+            out.append(next(iter(groups)))
+        elif len(groups) > 1:
+            out.append(f"its parameters come from {len(groups)} param groups of the checkpoint {sorted(groups)}")
+        elif all(n is None for n in names) and gi < len(stored_names) and all(n is None for n in stored_names[gi]):
+            out.append(gi)
+        else:
+            out.append("none of its parameters is in the checkpoint")
+    claims: dict[int, list[int]] = {}
+    for gi, match in enumerate(out):
+        if isinstance(match, int):
+            claims.setdefault(match, []).append(gi)
+    for match, live_groups in claims.items():
+        if len(live_groups) > 1:
+            for gi in live_groups:
+                out[gi] = f"live groups {live_groups} all come from param group {match} of the checkpoint"
+    return out
+
+
 def remap_optimizer_state(
     opt: torch.optim.Optimizer,
     stored: dict[str, Any],
     stored_names: list[list[str | None]],
     live_names: list[list[str | None]],
-) -> tuple[dict[str, Any], list[str], list[str], list[str]]:
+) -> tuple[dict[str, Any], list[str], list[str], list[str], list[tuple[int, str]]]:
     """Rebuild a stored optimizer state_dict for the live parameters, matching by name.
 
+    Parameters and param groups are both matched by name: the hyper-parameters (``lr``,
+    ``weight_decay``...) of a live group come from the stored group holding its parameters,
+    wherever the groups are in the list. A live group that matches no stored group
+    one-to-one keeps its live hyper-parameters and is reported.
+
     Returns:
-        The state_dict to load, and the names of the parameters that kept their state, that
-        are new (fresh state) and that are gone (their state dropped).
+        The state_dict to load; the names of the parameters that kept their state, that are
+        new (fresh state) and that are gone (their state dropped); and, per live group that
+        matches no stored group, its index and why.
     """
     stored_groups = stored["param_groups"]
     stored_state = stored["state"]
+    stored_names = [list(names) for names in stored_names[: len(stored_groups)]]
+    stored_names += [[] for _ in range(len(stored_groups) - len(stored_names))]
     by_name: dict[str, Any] = {}
-    for names, group in zip(stored_names, stored_groups, strict=False):
+    for names, group in zip(stored_names, stored_groups, strict=True):
         for name, pid in zip(names, group.get("params", []), strict=False):
             if name is not None:
                 by_name[name] = pid
+    sources = _match_groups(live_names, stored_names)
     kept: list[str] = []
     new: list[str] = []
     groups: list[dict[str, Any]] = []
     state: dict[int, Any] = {}
+    unmatched: list[tuple[int, str]] = []
     index = 0
     for gi, live in enumerate(opt.param_groups):
-        source = stored_groups[gi] if gi < len(stored_groups) else live
+        match = sources[gi]
+        if isinstance(match, int):
+            source = stored_groups[match]
+        else:
+            source = live
+            unmatched.append((gi, match))
         ids = []
         for param, name in zip(live["params"], live_names[gi], strict=True):
             ids.append(index)
@@ -324,4 +439,4 @@ def remap_optimizer_state(
         groups.append({**{k: v for k, v in source.items() if k != "params"}, "params": ids})
     live_set = {n for g in live_names for n in g if n is not None}
     gone = sorted(n for n in by_name if n not in live_set)
-    return {"state": state, "param_groups": groups}, kept, new, gone
+    return {"state": state, "param_groups": groups}, kept, new, gone, unmatched

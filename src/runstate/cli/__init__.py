@@ -2,7 +2,9 @@
 
 Each command lives in its own module with a ``register(subparsers)`` function that adds its
 parser and sets ``func`` (``args -> exit code``). Errors are one line on stderr and a non-zero
-exit code, never a traceback.
+exit code, never a traceback: a ``CheckpointError`` exits 2, anything unexpected (a bug, or
+a resource failure no command anticipated) exits 3 with its one-line summary; ``--debug``
+adds the traceback.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 
 import runstate
+from runstate.cli._output import fail
 
 __all__ = ["main"]
 
@@ -29,6 +33,11 @@ COMMAND_MODULES = (
     "runstate.cli.gc",
 )
 
+#: Exit code of an unexpected error (a bug in runstate, or e.g. MemoryError): one line, no traceback.
+INTERNAL_ERROR = 3
+
+_DEBUG_HELP = "on an unexpected error, print the Python traceback too"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
@@ -37,9 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Save, inspect and resume the whole state of training runs.",
     )
     parser.add_argument("--version", action="version", version=f"runstate {runstate.__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for command, subparser in sub.choices.items():
+        if command != "run":  # run passes everything after its options to the training command
+            subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 
 
@@ -50,9 +63,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except runstate.CheckpointError as exc:
-        print(f"runstate {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(args.command, _text(exc))
     except KeyboardInterrupt:
         print(f"runstate {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the promise is one line, never a traceback
+        if args.debug:
+            traceback.print_exc()
+        name, detail = type(exc).__name__, _text(exc)
+        what = name if detail == name else f"{name}: {detail}"
+        hint = "" if args.debug else f"; runstate {args.command} --debug prints the traceback"
+        return fail(args.command, f"unexpected {what}{hint}", INTERNAL_ERROR)
     return code
+
+
+def _text(exc: BaseException) -> str:
+    """The message of ``exc``, even when making it fails (it may hold a value that cannot print)."""
+    try:
+        return str(exc) or type(exc).__name__
+    except Exception:  # a __str__ that raises
+        return type(exc).__name__

@@ -1,5 +1,11 @@
 """Output helpers shared by the commands: tables, JSON, sizes, progress bars, errors.
 
+Every line of human output goes through :func:`echo`, :func:`print_table` or :func:`fail`,
+which escape control characters (:func:`escape`): names come from checkpoints, and a
+checkpoint is untrusted input, so an item named with an OSC 52 clipboard write
+(``ESC ] 52 ; c ; ... BEL``) prints as text and never reaches the terminal as an escape
+sequence. ``--json`` output is exact (JSON escapes control characters itself).
+
 rich is optional (the ``cli`` extra): with it, tables are drawn by rich (in colour on a
 terminal) and long operations show a progress bar on a terminal's stderr; without it,
 tables are plain aligned text and there is no progress bar. Nothing here imports rich at
@@ -23,6 +29,8 @@ from typing import Any
 __all__ = [
     "Cell",
     "Progress",
+    "echo",
+    "escape",
     "fail",
     "format_time",
     "format_value",
@@ -48,9 +56,39 @@ def rich_available() -> bool:
     return True
 
 
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(char: str) -> str:
+    if char.isprintable():
+        return char
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with every non-printable character written as a Python escape (``\\x1b``).
+
+    Covers C0 controls (ESC, CR, BEL...), DEL, C1 controls, and the invisible format
+    characters that reorder or hide text (bidi overrides such as U+202E, zero-width
+    characters, line separators): what ``str.isprintable`` rejects, as in ``repr``.
+    """
+    return text if text.isprintable() else "".join(_escape_char(c) for c in text)
+
+
+def echo(text: str = "", *, err: bool = False) -> None:
+    """Print one line of human output, control characters escaped."""
+    print(escape(text), file=sys.stderr if err else sys.stdout)
+
+
 def fail(command: str, message: str, code: int = 2) -> int:
     """Print ``runstate COMMAND: error: MESSAGE`` on one line of stderr; return ``code``."""
-    print(f"runstate {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    echo(f"runstate {command}: error: {' '.join(message.split())}", err=True)
     return code
 
 
@@ -123,10 +161,33 @@ def format_time(iso: str) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _int_text(value: int) -> str | None:
+    """``str(value)``, or None when Python refuses (more than ``sys.get_int_max_str_digits()``
+    digits: the conversion is quadratic, so a hostile manifest could otherwise stall us)."""
+    try:
+        return str(value)
+    except ValueError:
+        return None
+
+
+def _huge_int(value: int) -> str:
+    """A number too long to print in decimal, as ``~1.23457e+5000 (5001 digits)``."""
+    exponent = math.log10(abs(value))  # exact enough for any int, and linear in its size
+    whole = math.floor(exponent)
+    mantissa = f"{10 ** (exponent - whole):.6g}"
+    if mantissa == "10":
+        mantissa, whole = "1", whole + 1
+    sign = "-" if value < 0 else ""
+    return f"~{sign}{mantissa}e+{whole} ({whole + 1} digits)"
+
+
 def format_value(value: Any) -> str:
     """A short human form of a decoded value (numbers, tuples, tensor summaries...)."""
     import runstate
 
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = _int_text(value)
+        return _huge_int(value) if text is None else text
     if isinstance(value, float):
         return repr(value) if len(repr(value)) <= 12 else f"{value:.6g}"
     if isinstance(value, runstate.TensorSummary):
@@ -144,13 +205,16 @@ def format_value(value: Any) -> str:
 
 
 def jsonable(value: Any) -> Any:
-    """Convert a value to JSON-serializable data (finite floats only; bytes as base64)."""
+    """Convert a value to JSON-serializable data (finite floats only; bytes as base64; an int
+    too long for decimal conversion as a ``"0x..."`` string)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
         return {k if isinstance(k, str) else format_value(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and _int_text(value) is None:
+        return hex(value)  # exact, and linear to write: decimal would exceed Python's limit
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):
@@ -193,6 +257,9 @@ def print_table(
     """
     if title:
         print()
+        title = escape(title)
+    rows = [[escape(c) if isinstance(c, str) else (escape(c[0]), c[1]) for c in row] for row in rows]
+    columns = [escape(c) for c in columns]
     if rich_available():
         _rich_table(columns, rows, title, right, header)
     else:
@@ -296,7 +363,7 @@ class Progress:
         if self._bar is None:
             return _ignore
         bar = self._bar
-        task_id = bar.add_task(description, total=total)
+        task_id = bar.add_task(_bar_text(description), total=total)
 
         def advance(n: int = 1) -> None:
             bar.advance(task_id, n)
@@ -309,11 +376,19 @@ class Progress:
         if self._bar is None:
             yield
             return
-        task_id = self._bar.add_task(description, total=None)
+        task_id = self._bar.add_task(_bar_text(description), total=None)
         try:
             yield
         finally:
             self._bar.update(task_id, total=1, completed=1)
+
+
+def _bar_text(description: str) -> str:
+    """A description for a rich bar: control characters escaped, and no rich markup (a path
+    such as ``runs/[red]`` is shown as written)."""
+    from rich.markup import escape as markup_escape
+
+    return markup_escape(escape(description))
 
 
 def _ignore(n: int = 1) -> None:

@@ -8,8 +8,11 @@ __all__ = ["register"]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from runstate.demo import run_demo
+    from runstate.cli._output import fail
+    from runstate.demo import MIN_STEPS, run_demo
 
+    if args.steps < MIN_STEPS:
+        return fail("demo", f"--steps must be at least {MIN_STEPS} (got {args.steps}): the SIGKILL has to fall after the first checkpoint")
     return run_demo(args.out, steps=args.steps, seed=args.seed)
 
 
@@ -21,8 +24,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(
             "Trains a small MLP four ways in child processes: (a) uninterrupted, (b) under the "
             "supervisor with a SIGKILL and a SIGTERM at random steps, (c) resumed from weights only, "
-            "(d) resumed without scheduler, RNG and data position. Prints a table, writes loss.png, "
-            "and exits 1 unless (b) is bit-identical to (a) and (c), (d) are not."
+            "(d) resumed without scheduler, RNG and data position. Prints a table, writes loss.png "
+            "(needs matplotlib: pip install 'runstate[demo]'), and exits 1 unless (b) is bit-identical "
+            "to (a) and (c), (d) are not."
         ),
     )
     p.add_argument("--out", default="runstate-demo", metavar="DIR", help="output folder (default ./runstate-demo)")

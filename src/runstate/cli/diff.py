@@ -2,27 +2,34 @@
 
 Both checkpoints are loaded (every checksum verified) and their trees walked side by side.
 Each tensor is equal, changed (with the largest absolute difference, and that difference
-relative to the largest magnitude in A's tensor), only in A or only in B; every other value that differs is listed with both sides. By default
-tensors must be bit-identical; with ``--atol X`` values within X count as equal (NaN equals
-NaN). Exit code 0 when the checkpoints are equal, 1 when they differ, 2 on error.
+relative to the largest magnitude in A's tensor), only in A or only in B; every other value
+that differs is listed with both sides. By default tensors must be bit-identical; with
+``--atol X`` tensor values within X count as equal (NaN equals NaN). Other values (floats
+included: 0.0 is not -0.0) are always compared bit for bit. ``--ignore PATTERN`` leaves out
+the items or keys whose path matches the glob (``rng``, ``config.out_dir``, ``config/out_*``).
+A and B are checkpoints, or run directories with ``--step`` (both) or ``--step-a`` /
+``--step-b``. Exit code 0 when the checkpoints are equal, 1 when they differ, 2 on error.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import math
 import random
+import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 import runstate
-from runstate.cli._output import Progress, fail, format_value, guarded, print_json, print_table
-from runstate.cli._paths import check_checkpoint
+from runstate.cli._output import Progress, echo, fail, format_value, guarded, print_json, print_table
+from runstate.cli._paths import add_step_option, is_checkpoint, resolve_checkpoint
 
-__all__ = ["TensorDiff", "ValueDiff", "c_array", "compare", "register"]
+__all__ = ["Comparison", "TensorDiff", "ValueDiff", "c_array", "compare", "register", "same_value"]
 
 EQUAL, CHANGED, ONLY_A, ONLY_B = "equal", "changed", "only in A", "only in B"
 
@@ -124,11 +131,19 @@ def _tensor_diff(path: str, a: Any, b: Any, atol: float) -> TensorDiff:
     return TensorDiff(path, EQUAL if same else CHANGED, dtype_a, shape_a, max_abs, max_rel, note)
 
 
-def _same_value(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two non-tensor leaves are the same: same type, and for floats the same bits.
+
+    ``==`` would call 0.0 and -0.0 equal and NaN unequal to itself, where tensors are
+    compared by their bytes: a float (or complex) value is compared by its IEEE 754 bits,
+    like a tensor, so both answer alike.
+    """
     if type(a) is not type(b):
         return False
-    if isinstance(a, float) and math.isnan(a) and math.isnan(b):
-        return True
+    if isinstance(a, float):
+        return struct.pack("<d", a) == struct.pack("<d", b)
+    if isinstance(a, complex):
+        return struct.pack("<dd", a.real, a.imag) == struct.pack("<dd", b.real, b.imag)
     try:
         return bool(a == b)
     except (TypeError, ValueError):
@@ -136,15 +151,37 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 class _Walker:
-    """Collects the comparison of two trees."""
+    """Collects the comparison of two trees.
 
-    def __init__(self, atol: float, advance: Any) -> None:
+    A node is named by its path of keys from the item down (``("config", "out_dir")``),
+    shown as ``config.out_dir``; ``--ignore`` globs match it joined by ``.`` or by ``/``.
+    """
+
+    def __init__(self, atol: float, advance: Any, ignore: Sequence[str] = ()) -> None:
         self.atol = atol
         self.advance = advance
+        self.ignore = tuple(ignore)
         self.tensors: list[TensorDiff] = []
         self.values: list[ValueDiff] = []
+        self.ignored: list[str] = []
+        self.matched: set[str] = set()
 
-    def only(self, x: Any, path: str, status: str) -> None:
+    def skip(self, keys: tuple[str, ...]) -> bool:
+        """True (and the path recorded) when an ``--ignore`` pattern matches this node."""
+        if not self.ignore:
+            return False
+        dotted, slashed = ".".join(keys), "/".join(keys)
+        hits = [p for p in self.ignore if fnmatch.fnmatchcase(dotted, p) or fnmatch.fnmatchcase(slashed, p)]
+        if not hits:
+            return False
+        self.matched.update(hits)
+        self.ignored.append(dotted)
+        return True
+
+    def only(self, x: Any, keys: tuple[str, ...], status: str) -> None:
+        if self.skip(keys):
+            return
+        path = ".".join(keys)
         x = _as_state(x)
         if _is_tensor(x):
             dtype, shape, _, _ = _arrays(x)
@@ -152,17 +189,20 @@ class _Walker:
             self.advance(1)
         elif isinstance(x, dict) and x:
             for k, v in x.items():
-                self.only(v, f"{path}.{k}", status)
+                self.only(v, (*keys, str(k)), status)
         elif isinstance(x, (list, tuple)) and x:
             for i, v in enumerate(x):
-                self.only(v, f"{path}.{i}", status)
+                self.only(v, (*keys, str(i)), status)
         else:
             shown = format_value(x)
             self.values.append(
                 ValueDiff(path, status, shown if status == ONLY_A else None, shown if status == ONLY_B else None)
             )
 
-    def walk(self, a: Any, b: Any, path: str) -> None:
+    def walk(self, a: Any, b: Any, keys: tuple[str, ...]) -> None:
+        if self.skip(keys):
+            return
+        path = ".".join(keys)
         a, b = _as_state(a), _as_state(b)
         if _is_tensor(a) and _is_tensor(b):
             self.tensors.append(_tensor_diff(path, a, b, self.atol))
@@ -170,20 +210,20 @@ class _Walker:
         elif isinstance(a, dict) and isinstance(b, dict):
             for k, v in a.items():
                 if k in b:
-                    self.walk(v, b[k], f"{path}.{k}")
+                    self.walk(v, b[k], (*keys, str(k)))
                 else:
-                    self.only(v, f"{path}.{k}", ONLY_A)
+                    self.only(v, (*keys, str(k)), ONLY_A)
             for k, v in b.items():
                 if k not in a:
-                    self.only(v, f"{path}.{k}", ONLY_B)
+                    self.only(v, (*keys, str(k)), ONLY_B)
         elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and type(a) is type(b):
             for i, (x, y) in enumerate(zip(a, b, strict=False)):
-                self.walk(x, y, f"{path}.{i}")
+                self.walk(x, y, (*keys, str(i)))
             for i in range(len(b), len(a)):
-                self.only(a[i], f"{path}.{i}", ONLY_A)
+                self.only(a[i], (*keys, str(i)), ONLY_A)
             for i in range(len(a), len(b)):
-                self.only(b[i], f"{path}.{i}", ONLY_B)
-        elif _is_tensor(a) or _is_tensor(b) or not _same_value(a, b):
+                self.only(b[i], (*keys, str(i)), ONLY_B)
+        elif _is_tensor(a) or _is_tensor(b) or not same_value(a, b):
             self.values.append(ValueDiff(path, CHANGED, format_value(a), format_value(b)))
 
 
@@ -198,61 +238,120 @@ def _count_tensors(x: Any) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """What :func:`compare` found."""
+
+    tensors: list[TensorDiff]
+    values: list[ValueDiff]
+    ignored: list[str]
+    unmatched: list[str]
+
+    @property
+    def equal(self) -> bool:
+        """True when every compared tensor and value is the same."""
+        return all(t.status == EQUAL for t in self.tensors) and not self.values
+
+
 def compare(
-    a: dict[str, Any], b: dict[str, Any], *, atol: float = 0.0, progress: Progress | None = None
-) -> tuple[list[TensorDiff], list[ValueDiff]]:
-    """Walk two loaded checkpoints: every tensor's comparison, and every non-tensor value that differs."""
+    a: dict[str, Any],
+    b: dict[str, Any],
+    *,
+    atol: float = 0.0,
+    ignore: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> Comparison:
+    """Walk two loaded checkpoints: every tensor's comparison, and every non-tensor value that differs.
+
+    Args:
+        a: the first checkpoint, as ``runstate.load`` returns it.
+        b: the second.
+        atol: tensor values within ``atol`` are equal (0: the bytes must be identical).
+        ignore: ``fnmatch`` globs; a node whose path (``item.key``, or ``item/key``) matches
+            one is left out with everything under it.
+        progress: shows a bar while tensors are compared.
+    """
     advance = progress.task("comparing tensors", total=_count_tensors(a)) if progress else (lambda n=1: None)
-    walker = _Walker(atol, advance)
+    walker = _Walker(atol, advance, ignore)
     for name, value in a.items():
         if name in b:
-            walker.walk(value, b[name], name)
+            walker.walk(value, b[name], (name,))
         else:
-            walker.only(value, name, ONLY_A)
+            walker.only(value, (name,), ONLY_A)
     for name, value in b.items():
         if name not in a:
-            walker.only(value, name, ONLY_B)
-    return walker.tensors, walker.values
+            walker.only(value, (name,), ONLY_B)
+    unmatched = [p for p in dict.fromkeys(ignore) if p not in walker.matched]
+    return Comparison(walker.tensors, walker.values, walker.ignored, unmatched)
 
 
 def _fmt(x: float | None) -> str:
     return "" if x is None else f"{x:.3g}"
 
 
+def _resolve(args: argparse.Namespace) -> tuple[str, str] | int:
+    """The two checkpoints to compare (a run directory resolved with its step option), or an exit code."""
+    out = []
+    shared_used = False
+    for label, path, own in (("a", args.a, args.step_a), ("b", args.b, args.step_b)):
+        if own is not None:
+            found = resolve_checkpoint("diff", path, own, option=f"--step-{label}")
+        elif args.step is not None and not is_checkpoint(path):  # the shared --step picks steps of run dirs
+            found, shared_used = resolve_checkpoint("diff", path, args.step), True
+        else:
+            found = resolve_checkpoint("diff", path, None)
+        if isinstance(found, int):
+            return found
+        out.append(found)
+    if args.step is not None and not shared_used:
+        return fail("diff", "--step picks a step of A or B where it is a run directory, but neither is one here")
+    return out[0], out[1]
+
+
 @guarded("diff")
 def _diff(args: argparse.Namespace) -> int:
     if not (args.atol >= 0 and math.isfinite(args.atol)):
         return fail("diff", f"--atol must be a finite number >= 0, got {args.atol}")
-    for path in (args.a, args.b):
-        error = check_checkpoint("diff", path)
-        if error is not None:
-            return error
-    steps = (runstate.inspect(args.a).step, runstate.inspect(args.b).step)  # cheap: fails fast on a bad path
+    found = _resolve(args)
+    if isinstance(found, int):
+        return found
+    path_a, path_b = found
+    steps = (runstate.inspect(path_a).step, runstate.inspect(path_b).step)  # cheap: fails fast on a bad path
+    ignore: list[str] = args.ignore or []
     with Progress() as progress:
-        with progress.phase(f"loading {args.a}"):
-            a = runstate.load(args.a)
-        with progress.phase(f"loading {args.b}"):
-            b = runstate.load(args.b)
-        tensors, values = compare(a, b, atol=args.atol, progress=progress)
-    differs = any(t.status != EQUAL for t in tensors) or bool(values)
+        with progress.phase(f"loading {path_a}"):
+            a = runstate.load(path_a)
+        with progress.phase(f"loading {path_b}"):
+            b = runstate.load(path_b)
+        result = compare(a, b, atol=args.atol, ignore=ignore, progress=progress)
+    tensors, values = result.tensors, result.values
+    differs = not result.equal
     counts = {s: sum(t.status == s for t in tensors) for s in (EQUAL, CHANGED, ONLY_A, ONLY_B)}
     if args.json:
         print_json(
             {
-                "a": {"path": args.a, "step": steps[0]},
-                "b": {"path": args.b, "step": steps[1]},
+                "a": {"path": path_a, "step": steps[0]},
+                "b": {"path": path_b, "step": steps[1]},
                 "atol": args.atol,
+                "ignore": ignore,
                 "equal": not differs,
                 "counts": counts,
                 "tensors": tensors,
                 "values": values,
+                "ignored": result.ignored,
+                "unmatched_ignore": result.unmatched,
             }
         )
         return 1 if differs else 0
-    for label, path, step in (("A", args.a, steps[0]), ("B", args.b, steps[1])):
-        print(f"{label}  {path}  ({'no step' if step is None else f'step {step}'})")
+    for label, path, step in (("A", path_a, steps[0]), ("B", path_b, steps[1])):
+        echo(f"{label}  {path}  ({'no step' if step is None else f'step {format_value(step)}'})")
     tolerance = "bit-exact" if args.atol == 0 else f"atol {args.atol:g}"
-    print(f"tensors ({tolerance}): " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    echo(f"tensors ({tolerance}): " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if ignore:
+        shown = ", ".join(result.ignored[:8]) + (", ..." if len(result.ignored) > 8 else "")
+        echo(f"ignored ({len(result.ignored)}): {shown or 'nothing'}")
+        for pattern in result.unmatched:
+            echo(f"note: --ignore {pattern!r} matched nothing")
     differing = [t for t in tensors if t.status != EQUAL]
     notes = any(t.note for t in differing)
     rows = [
@@ -271,7 +370,7 @@ def _diff(args: argparse.Namespace) -> int:
         rows = [[v.path, v.status, v.a or "", v.b or ""] for v in values]
         print_table(["value", "status", "A", "B"], rows, title="other values that differ")
     if not differs:
-        print("the checkpoints are equal")
+        echo("the checkpoints are equal" + (" (apart from what --ignore left out)" if result.ignored else ""))
     return 1 if differs else 0
 
 
@@ -282,8 +381,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="compare two checkpoints tensor by tensor (exit 0 when equal, 1 when not)",
         description=(__doc__ or "").split("\n\n")[1],
     )
-    p.add_argument("a", metavar="A", help="a checkpoint directory")
-    p.add_argument("b", metavar="B", help="another checkpoint directory")
+    p.add_argument("a", metavar="A", help="a checkpoint directory, or a run directory with --step / --step-a")
+    p.add_argument("b", metavar="B", help="another checkpoint directory, or a run directory with --step / --step-b")
+    add_step_option(p, help="the step (N or latest) to compare in A and B where they are run directories")
+    add_step_option(p, "--step-a", help="the step of run directory A (overrides --step)")
+    add_step_option(p, "--step-b", help="the step of run directory B (overrides --step)")
+    p.add_argument(
+        "--ignore",
+        action="append",
+        metavar="PATTERN",
+        help="leave out items or keys whose path matches this glob (item, item.key or item/key; repeatable), "
+        "e.g. --ignore rng --ignore 'config.out_*'",
+    )
     p.add_argument(
         "--atol",
         type=float,

@@ -5,7 +5,8 @@ names (a module's ``state_dict`` keys), so ``model.load_state_dict(load_file(FIL
 Only ITEM's tensors are read (and their checksums verified); non-tensor values of the item
 (an optimizer's learning rates...) are left out. ``--dtype`` casts floating-point tensors
 (integer and bool tensors keep their dtype). The file is written to a temporary name and
-renamed when complete; an existing FILE is only replaced with ``--force``.
+renamed when complete; an existing FILE is only replaced with ``--force``. CKPT is a checkpoint
+directory, or a run directory with ``--step N`` or ``--step latest``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Any
 import numpy as np
 
 import runstate
-from runstate.cli._output import Progress, fail, guarded, human_bytes
-from runstate.cli._paths import check_checkpoint
+from runstate.cli._output import Progress, echo, fail, guarded, human_bytes
+from runstate.cli._paths import add_step_option, resolve_checkpoint
 from runstate.cli.diff import c_array
 
 __all__ = ["flatten", "register"]
@@ -98,6 +99,15 @@ def _convert(tensors: dict[str, Any], dtype: str | None) -> tuple[dict[str, Any]
     return out, "np"
 
 
+def _why_not_written(tensors: dict[str, Any], exc: Exception) -> str:
+    """Why safetensors refused to write ``tensors``: the tensor of a dtype it cannot store, if any."""
+    for name, t in tensors.items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype == "complex128":
+            return f"tensor {name!r} is complex128, which safetensors cannot store (complex64 it can)"
+    return str(exc) or type(exc).__name__
+
+
 def _write(tensors: dict[str, Any], fmt: str, path: str, metadata: dict[str, str]) -> None:
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
     try:
@@ -119,15 +129,15 @@ def _write(tensors: dict[str, Any], fmt: str, path: str, metadata: dict[str, str
 
 @guarded("export")
 def _export(args: argparse.Namespace) -> int:
-    error = check_checkpoint("export", args.ckpt)
-    if error is not None:
-        return error
-    contents = runstate.inspect(args.ckpt)  # reads the manifest only: fails fast, before any tensor
+    ckpt = resolve_checkpoint("export", args.ckpt, args.step)
+    if isinstance(ckpt, int):
+        return ckpt
+    contents = runstate.inspect(ckpt)  # reads the manifest only: fails fast, before any tensor
     if args.item not in contents.items:
-        return fail("export", f"{args.ckpt} has no item {args.item!r}; its items are {', '.join(contents.items)}")
+        return fail("export", f"{ckpt} has no item {args.item!r}; its items are {', '.join(contents.items)}")
     item = contents.items[args.item]
     if not item.tensors:
-        return fail("export", f"item {args.item!r} of {args.ckpt} holds no tensors ({item.type}); nothing to export")
+        return fail("export", f"item {args.item!r} of {ckpt} holds no tensors ({item.type}); nothing to export")
     out: str = args.output
     if os.path.isdir(out):
         return fail(
@@ -140,7 +150,7 @@ def _export(args: argparse.Namespace) -> int:
         return fail("export", "--dtype bf16 needs torch (pip install torch)")
     with Progress() as progress:
         with progress.phase(f"reading {args.item} ({human_bytes(item.nbytes)})"):
-            value = _load_item(args.ckpt, args.item)
+            value = _load_item(ckpt, args.item)
         tensors: dict[str, Any] = {}
         flatten(value, "" if item.kind != "tensor" else args.item, tensors)
         if not tensors:
@@ -150,13 +160,15 @@ def _export(args: argparse.Namespace) -> int:
             metadata = {"runstate_item": args.item}
             if contents.step is not None:
                 metadata["runstate_step"] = str(contents.step)
+            from safetensors import SafetensorError
+
             try:
                 _write(converted, fmt, out, metadata)
-            except (ValueError, TypeError, RuntimeError) as exc:  # safetensors refusing a dtype...
-                return fail("export", f"cannot write {out}: {exc}")
+            except (ValueError, TypeError, RuntimeError, KeyError, SafetensorError) as exc:  # refusing a dtype...
+                return fail("export", f"cannot write {out}: {_why_not_written(converted, exc)}")
     size = os.path.getsize(out)
     cast = f", floating tensors as {dtype}" if dtype else ""
-    print(f"wrote {out}: {len(converted)} tensors of item {args.item!r}, {human_bytes(size)}{cast}")
+    echo(f"wrote {out}: {len(converted)} tensors of item {args.item!r}, {human_bytes(size)}{cast}")
     return 0
 
 
@@ -167,11 +179,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="write one item's tensors (e.g. the model weights) to a safetensors file",
         description=(__doc__ or "").split("\n\n")[1],
     )
-    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint directory")
+    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint directory, or a run directory with --step")
     p.add_argument("item", metavar="ITEM", help="the item to export, e.g. model")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the .safetensors file to write")
     p.add_argument(
         "--dtype", choices=sorted(_DTYPES), help="cast floating-point tensors (bf16 needs torch); default: as stored"
     )
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    add_step_option(p)
     p.set_defaults(func=_export)

@@ -5,9 +5,12 @@ FILE.pt is read with ``torch.load(weights_only=True)``: only tensors and plain c
 refused before any of it runs (exit code 1, nothing written). The top-level dict's keys
 become the checkpoint's items (``{"model": ..., "optimizer": ..., "epoch": 3}`` gives
 three items); a dict holding only tensors (a bare ``state_dict``) becomes the one item
-``model``. Dict items are stored as state dicts, so ``runstate.load(CKPT, state)`` restores
-them into live modules, optimizers and schedulers (``load_state_dict``). The step recorded is ``--step``, else the dict's integer ``step`` or
-``global_step`` entry, else none.
+``model``. Dict items are stored as plain dicts, which ``runstate.load(CKPT, state)`` loads
+into live modules, optimizers and schedulers (``load_state_dict``). The step recorded is
+``--step``, else the first non-negative integer among the dict's ``step``, ``global_step``,
+``iter_num`` and ``iteration`` entries, else its ``epoch``, else none; the output line says
+which. A CKPT named like a run's checkpoint (``runs/exp/step-1200``) is written under the name
+the run reads (``runs/exp/step-000000001200``) and records that step.
 """
 
 from __future__ import annotations
@@ -22,26 +25,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import runstate
-from runstate.cli._output import fail, guarded, human_bytes
+from runstate.cli._output import echo, fail, guarded, human_bytes
+from runstate.storage import local_path
 
 __all__ = ["register"]
 
-_STEP_KEYS = ("step", "global_step")
+#: The step counters training scripts save, most specific first; ``epoch`` only as a fallback.
+_STEP_KEYS = ("step", "global_step", "iter_num", "iteration", "epoch")
 
-
-class StateDict:
-    """A dict read from a ``.pt`` file, saved as a Stateful so it restores into live objects."""
-
-    def __init__(self, state: Mapping[str, Any]) -> None:
-        self._state = state
-
-    def state_dict(self) -> Mapping[str, Any]:
-        """The dict as read."""
-        return self._state
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Replace the dict."""
-        self._state = state_dict
+#: An output directory named like a checkpoint of a run (``step-1200``, ``step-000000001200``).
+_STEP_DIR = re.compile(r"^step-([0-9]+)\Z")
 
 
 def _first_sentence(text: str) -> str:
@@ -59,28 +52,57 @@ def _refusal(src: str, exc: pickle.UnpicklingError) -> str:
     return f"{src} cannot be unpickled safely ({_first_sentence(detail) or type(exc).__name__})"
 
 
-def _step(obj: Mapping[str, Any], given: int | None) -> int | None:
-    if given is not None:
-        return given
+def _counter(value: Any) -> int | None:
+    """``value`` as a step counter: a non-negative int, or a 0-d integer tensor holding one."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            return None
+        value = int(value.item())
+    return value if type(value) is int and value >= 0 else None
+
+
+def _step(obj: Mapping[str, Any]) -> tuple[int | None, str]:
+    """The step counter found in the loaded dict, and where it was found (for the output line)."""
     for key in _STEP_KEYS:
-        value = obj.get(key)
-        if type(value) is int and value >= 0:
-            return value
-    return None
+        value = _counter(obj.get(key))
+        if value is not None:
+            fallback = "; no step counter found, pass --step N to record another" if key == "epoch" else ""
+            return value, f"from {key!r}{fallback}"
+    return None, f"no {', '.join(_STEP_KEYS)} entry found; pass --step N to record one"
+
+
+def _run_checkpoint(out: str) -> tuple[str, int] | None:
+    """When ``out`` is named like a run's checkpoint (``step-N``): the run's own name for step N, and N."""
+    m = _STEP_DIR.match(os.path.basename(os.path.normpath(out)))
+    if m is None:
+        return None
+    step = int(m.group(1))
+    with runstate.CheckpointManager(os.path.dirname(os.path.normpath(out)) or ".", read_only=True) as run:
+        return run.path(step), step
 
 
 @guarded("import")
 def _import(args: argparse.Namespace) -> int:
-    src: str = args.file
-    out: str = args.output
+    src: str = local_path(args.file)  # ~ expanded also where no shell did it (-o=~/ckpt, quoted)
+    out: str = local_path(args.output)
     if not os.path.exists(src):
         return fail("import", f"no such file: {src}")
     if not os.path.isfile(src):
         return fail("import", f"{src} is not a file; give the file torch.save wrote")
-    if os.path.lexists(out):
-        return fail("import", f"{out} already exists; choose a new checkpoint directory")
     if args.step is not None and args.step < 0:
         return fail("import", f"--step must be >= 0, got {args.step}")
+    named = _run_checkpoint(out)
+    if named is not None:  # one name per step: the run lists and reads step N only as its own name
+        if args.step is not None and args.step != named[1]:
+            return fail(
+                "import",
+                f"--step {args.step} disagrees with the output name {os.path.basename(os.path.normpath(out))} "
+                f"(step {named[1]}); drop --step, or name the output step-{args.step}",
+            )
+        out = named[0]
+    if os.path.lexists(out):
+        return fail("import", f"{out} already exists; choose a new checkpoint directory")
     if importlib.util.find_spec("torch") is None:
         return fail("import", "reading a .pt file needs torch (pip install torch)")
     import torch
@@ -104,12 +126,16 @@ def _import(args: argparse.Namespace) -> int:
     state: dict[str, Any] = dict(obj)
     if state and all(isinstance(v, torch.Tensor) for v in state.values()):
         state = {"model": obj}
-    step = _step(obj, args.step)
-    items = {k: StateDict(v) if isinstance(v, Mapping) else v for k, v in state.items()}
-    info = runstate.save(out, items, step=step)
+    if args.step is not None:
+        step, source = args.step, "from --step"
+    elif named is not None:
+        step, source = named[1], f"from the output name {os.path.basename(os.path.normpath(args.output))}"
+    else:
+        step, source = _step(obj)
+    info = runstate.save(out, state, step=step)  # a dict restores into a live object's load_state_dict
     names = f"{len(state)} item{'s' if len(state) != 1 else ''} ({', '.join(state)})"
     at = "no step" if step is None else f"step {step}"
-    print(f"imported {src} into {out}: {names}, {at}, {human_bytes(info.nbytes)}")
+    echo(f"imported {src} into {out}: {names}, {at} ({source}), {human_bytes(info.nbytes)}")
     return 0
 
 
@@ -122,5 +148,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("file", metavar="FILE.pt", help="a file written by torch.save")
     p.add_argument("-o", "--output", required=True, metavar="CKPT", help="the checkpoint directory to create")
-    p.add_argument("--step", type=int, metavar="N", help="the step to record (default: the file's 'step' entry)")
+    p.add_argument(
+        "--step",
+        type=int,
+        metavar="N",
+        help="the step to record (default: the file's step, global_step, iter_num, iteration or epoch entry)",
+    )
     p.set_defaults(func=_import)

@@ -4,7 +4,10 @@ Each committed step shows its creation time, size and metrics, read from its man
 (tensor checksums are ``runstate verify``'s job, so listing a 100 GB run is instant). A
 committed step whose manifest cannot be read is marked ``corrupt``, as are checkpoints the
 manager moved aside (``step-N.corrupt-T``); temporaries of interrupted saves and deletions
-are marked ``leftover`` (``runstate gc`` removes them).
+are marked ``leftover`` (``runstate gc`` removes them). The ``checked`` column says what was
+checked of each committed step: ``not verified`` (its manifest only), or ``verified`` with
+``--verify`` (every byte, as ``runstate verify``: a damaged step then shows as ``corrupt``).
+Checkpoints of a branch abandoned by a rollback are marked ``abandoned``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import runstate
 from runstate.cli._output import (
     Cell,
+    echo,
     format_time,
     format_value,
     guarded,
@@ -33,6 +37,7 @@ __all__ = ["register"]
 
 _LEFTOVER = re.compile(r"^\.(tmp|del)-step-(\d+)-[0-9a-f]+$")
 _MOVED_ASIDE = re.compile(r"^step-(\d+)\.corrupt-\d+$")
+_STEP_LIKE = re.compile(r"^step-([0-9]+)\Z")
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Entry:
     nbytes: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
+    checked: str = ""  # committed steps: "not verified" (manifest read) or "verified" (every byte, --verify)
 
 
 def _mtime(path: str) -> str | None:
@@ -64,10 +70,16 @@ def _short_reason(exc: Exception, path: str) -> str:
     return reason
 
 
+def _step_like(directory: str) -> list[int]:
+    """The steps of the entries named ``step-<digits>`` (padded or not) in a local run directory."""
+    names = [] if "://" in directory else os.listdir(directory)
+    return [int(m.group(1)) for m in map(_STEP_LIKE.match, names) if m]
+
+
 def collect(directory: str) -> list[Entry]:
     """Every checkpoint, corrupt checkpoint and leftover of a run directory, by step."""
     entries: list[Entry] = []
-    with runstate.CheckpointManager(directory) as mgr:
+    with runstate.CheckpointManager(directory, read_only=True) as mgr:
         for step in mgr.steps():
             path = mgr.path(step)
             try:
@@ -86,6 +98,11 @@ def collect(directory: str) -> list[Entry]:
             entries.append(
                 Entry(int(m.group(2)) if m else None, path, "leftover", _mtime(path), tree_size(path), reason=what)
             )
+        for step, path in mgr.abandoned():  # set aside by a rollback: kept until gc --abandoned
+            entries.append(
+                Entry(step, path, "abandoned", _mtime(path), tree_size(path), reason="branch abandoned by a rollback")
+            )
+        run_name = {n: os.path.basename(mgr.path(n)) for n in _step_like(directory)}
     for name in [] if "://" in directory else sorted(os.listdir(directory)):
         m = _MOVED_ASIDE.match(name)
         if m:
@@ -93,13 +110,30 @@ def collect(directory: str) -> list[Entry]:
             entries.append(
                 Entry(int(m.group(1)), path, "corrupt", _mtime(path), tree_size(path), reason="moved aside by restore")
             )
+        m = _STEP_LIKE.match(name)
+        if m and run_name.get(int(m.group(1)), name) != name:  # step-1200: the run reads only step-000000001200
+            path = os.path.join(directory, name)
+            why = f"not a name the run reads; rename it to {run_name[int(m.group(1))]}"
+            entries.append(Entry(int(m.group(1)), path, "misnamed", _mtime(path), tree_size(path), reason=why))
     entries.sort(key=lambda e: (-1 if e.step is None else e.step, e.status != "ok", e.path))
     return entries
 
 
+def _verify_entries(entries: list[Entry]) -> None:
+    """``--verify``: check every byte of each step whose manifest was read; mark failures corrupt."""
+    for e in entries:
+        if e.status != "ok":
+            continue
+        report = runstate.verify(e.path)
+        e.checked = "verified"
+        if not report.ok:
+            n = len(report.problems)
+            e.status, e.reason = "corrupt", f"{report.problems[0]}" + (f" (+{n - 1} more)" if n > 1 else "")
+
+
 def _status_cell(entry: Entry) -> Cell:
     text = entry.status if entry.reason is None else f"{entry.status}: {entry.reason}"
-    style = {"ok": "green", "leftover": "yellow"}.get(entry.status, "bold red")
+    style = {"ok": "green", "leftover": "yellow", "abandoned": "yellow"}.get(entry.status, "bold red")
     return (text, style)
 
 
@@ -110,11 +144,18 @@ def _ls(args: argparse.Namespace) -> int:
     if error is not None:
         return error
     entries = collect(directory)
+    for e in entries:
+        if e.step is not None and e.status in ("ok", "corrupt", "newer format") and e.path.rstrip("/").endswith(
+            f"step-{e.step:012d}"
+        ):
+            e.checked = "not verified"
+    if args.verify:
+        _verify_entries(entries)
     if args.json:
         print_json({"directory": directory, "checkpoints": entries})
         return 0
     if not entries:
-        print(f"no checkpoints in {directory}")
+        echo(f"no checkpoints in {directory}")
         return 0
     rows = [
         [
@@ -122,22 +163,28 @@ def _ls(args: argparse.Namespace) -> int:
             format_time(e.created) if e.created else "",
             human_bytes(e.nbytes),
             "  ".join(f"{k}={format_value(v)}" for k, v in e.metrics.items()),
+            e.checked,
             _status_cell(e),
         ]
         for e in entries
     ]
-    print_table(["step", "created (UTC)", "size", "metrics", "status"], rows, right=(0, 2))
+    print_table(["step", "created (UTC)", "size", "metrics", "checked", "status"], rows, right=(0, 2))
     ok = [e for e in entries if e.status == "ok"]
     counts = [f"{len(ok)} checkpoint{'s' if len(ok) != 1 else ''}"]
     if ok:
         counts[0] += f" (latest step {ok[-1].step})"
-    for status in ("corrupt", "newer format", "leftover"):
+    for status in ("corrupt", "newer format", "leftover", "misnamed", "abandoned"):
         n = sum(e.status == status for e in entries)
         if n:
             counts.append(f"{n} {status}")
     hint = "; runstate gc removes leftovers" if any(e.status == "leftover" for e in entries) else ""
-    print(", ".join(counts) + hint)
-    print(f"(manifests only; runstate verify {directory} checks every byte)")
+    if any(e.status == "abandoned" for e in entries):
+        hint += "; runstate gc --abandoned removes abandoned branches"
+    echo(", ".join(counts) + hint)
+    if args.verify:
+        echo("(every byte of each checkpoint verified)")
+    else:
+        echo(f"(manifests only, not verified; runstate ls --verify {directory} checks every byte)")
     return 0
 
 
@@ -150,4 +197,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("dir", metavar="DIR", help="the run directory (the one given to CheckpointManager)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check every byte of each checkpoint (as runstate verify); a damaged one shows as corrupt",
+    )
     p.set_defaults(func=_ls)

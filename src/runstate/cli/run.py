@@ -3,10 +3,12 @@
 Preemptible and flaky machines kill training jobs. The supervisor runs the command as a
 child, and when it exits non-zero or is killed by a signal it starts it again (the job
 resumes from its latest checkpoint by itself), until it exits 0 or the restarts are used up;
-then it exits with the child's last code. SIGTERM and SIGINT sent to the supervisor are
-forwarded to the child, which gets the chance to save and stop; the supervisor then exits
-with the child's code and does not restart it. Each child sees ``RUNSTATE_RESTART_COUNT``
-(0 for the first start).
+then it exits with the child's last code. A child that exits with 75 (``EX_TEMPFAIL``,
+``CheckpointManager.EXIT_PREEMPTED``: what ``sys.exit(mgr.exit_code)`` gives after a
+preemption save) is restarted at once and not counted against the restarts. SIGTERM and
+SIGINT sent to the supervisor are forwarded to the child, which gets the chance to save and
+stop; the supervisor then exits with the child's code and does not restart it. Each child
+sees ``RUNSTATE_RESTART_COUNT`` (0 for the first start, then the number of starts before it).
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-__all__ = ["register", "supervise"]
+__all__ = ["EXIT_PREEMPTED", "register", "supervise"]
 
 logger = logging.getLogger("runstate")
+
+#: A child exiting with this status saved after a preemption notice and asks to be restarted
+#: (``EX_TEMPFAIL``; the same number as ``runstate.CheckpointManager.EXIT_PREEMPTED``).
+EXIT_PREEMPTED = 75
 
 
 def _describe(code: int) -> str:
@@ -54,6 +60,9 @@ def supervise(
         max_restarts: how many times a failed child is started again.
         backoff: seconds to wait before a restart (doubling each time, at most 60 s).
 
+    A child that exits with :data:`EXIT_PREEMPTED` (75) was preempted after saving: it is
+    restarted at once, and that restart does not count against ``max_restarts``.
+
     Returns:
         0 when the child finally succeeded; otherwise the child's last exit code, or
         128 + N when it was killed by signal N.
@@ -68,9 +77,9 @@ def supervise(
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        restarts = 0
+        restarts = preemptions = 0
         while True:
-            env = {**os.environ, "RUNSTATE_RESTART_COUNT": str(restarts)}
+            env = {**os.environ, "RUNSTATE_RESTART_COUNT": str(restarts + preemptions)}
             try:
                 proc = subprocess.Popen(list(command), env=env)
             except OSError as exc:
@@ -81,9 +90,19 @@ def supervise(
                 proc.send_signal(stop_signal[0])
             code = proc.wait()
             if code == 0:
-                if restarts:
-                    log.warning("runstate run: command succeeded after %d restart(s)", restarts)
+                if restarts or preemptions:
+                    log.warning(
+                        "runstate run: command succeeded after %d restart(s) and %d preemption(s)", restarts, preemptions
+                    )
                 return 0
+            if code == EXIT_PREEMPTED and not stop_signal:
+                preemptions += 1
+                log.warning(
+                    "runstate run: the command was preempted after saving (exit %d); restarting it (preemption %d)",
+                    code,
+                    preemptions,
+                )
+                continue
             if stop_signal:
                 log.warning(
                     "runstate run: stopped by %s; the command %s", signal.Signals(stop_signal[0]).name, _describe(code)

@@ -4,7 +4,8 @@ Items with their type, tensor count and size; totals per dtype; each optimizer's
 the hyper-parameters of its param groups; each scheduler's last learning rate; whether the
 random generators were saved; each data loader's position; step, metrics and the versions
 that wrote it. ``--tensors`` lists every tensor. No tensor data is read and nothing from the
-checkpoint is constructed.
+checkpoint is constructed. CKPT is a checkpoint directory, or a run directory with ``--step N``
+or ``--step latest``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import runstate
 from runstate.cli._output import format_time, format_value, guarded, human_bytes, print_json, print_table
-from runstate.cli._paths import check_checkpoint
+from runstate.cli._paths import add_step_option, resolve_checkpoint
 
 __all__ = ["describe", "register"]
 
@@ -165,7 +166,7 @@ def _print_human(d: dict[str, Any]) -> None:
     versions = ", ".join(f"{k} {v}" for k, v in d["versions"].items())
     summary = [
         ["checkpoint", d["path"]],
-        ["step", "none" if d["step"] is None else str(d["step"])],
+        ["step", "none" if d["step"] is None else format_value(d["step"])],
         ["created", format_time(d["created"]) + " UTC"],
         ["size", f"{human_bytes(d['nbytes'])} in {d['files']} files"],
         ["metrics", "  ".join(f"{k}={format_value(v)}" for k, v in d["metrics"].items()) or "none"],
@@ -195,7 +196,10 @@ def _print_human(d: dict[str, Any]) -> None:
         last = s["last_lr"]
         lrs = ", ".join(format_value(x) for x in last) if isinstance(last, list) else format_value(last)
         lines.append(
-            [f"scheduler '{s['item']}'", f"{_short_type(s['type'])}: last lr {lrs} (last_epoch {s['last_epoch']})"]
+            [
+                f"scheduler '{s['item']}'",
+                f"{_short_type(s['type'])}: last lr {lrs} (last_epoch {format_value(s['last_epoch'])})",
+            ]
         )
     rng = d["rng"]
     for g in rng["global"]:
@@ -205,9 +209,9 @@ def _print_human(d: dict[str, Any]) -> None:
     if not rng["saved"]:
         lines.append(["rng", "not saved: random draws after a resume will differ"])
     for ld in d["loaders"]:
-        where = f"{ld['batches_yielded']} batches into the epoch"
+        where = f"{format_value(ld['batches_yielded'])} batches into the epoch"
         if ld["samples_yielded"] is not None:
-            where += f" ({ld['samples_yielded']} samples)"
+            where += f" ({format_value(ld['samples_yielded'])} samples)"
         if ld["finished"]:
             where += ", epoch finished"
         if ld["sampler"]:
@@ -226,10 +230,10 @@ def _print_human(d: dict[str, Any]) -> None:
 
 @guarded("show")
 def _show(args: argparse.Namespace) -> int:
-    error = check_checkpoint("show", args.ckpt)
-    if error is not None:
-        return error
-    contents = runstate.inspect(args.ckpt)
+    path = resolve_checkpoint("show", args.ckpt, args.step)
+    if isinstance(path, int):
+        return path
+    contents = runstate.inspect(path)
     described = describe(contents, tensors=args.tensors)
     if args.json:
         print_json(described)
@@ -245,7 +249,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="show what a checkpoint holds (from its manifest; reads no tensor data)",
         description=(__doc__ or "").split("\n\n")[1],
     )
-    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint directory, e.g. runs/exp/step-000000001000")
+    p.add_argument(
+        "ckpt",
+        metavar="CKPT",
+        help="a checkpoint directory (runs/exp/step-000000001000), or a run directory with --step",
+    )
+    add_step_option(p)
     p.add_argument("--tensors", action="store_true", help="also list every tensor with its dtype, shape and size")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=_show)

@@ -3,6 +3,7 @@
 The manifest's checksum, each file's size and safetensors header, and every tensor's XXH3
 checksum are checked; every problem found is printed on its own line. Exit code 0 when all
 checkpoints pass, 1 when any fails, 2 when PATH is neither a checkpoint nor a run directory.
+With ``--step N`` or ``--step latest``, only that step of the run directory PATH is checked.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ import argparse
 import os
 
 import runstate
-from runstate.cli._output import Progress, fail, guarded, human_bytes, print_json
+from runstate.cli._output import Progress, echo, fail, guarded, human_bytes, print_json
+from runstate.cli._paths import StepChoice, add_step_option, resolve_checkpoint
 
 __all__ = ["register"]
 
 
-def _targets(path: str) -> tuple[list[str], list[str]] | int:
+def _targets(path: str, step: StepChoice) -> tuple[list[str], list[str]] | int:
     """The checkpoints to verify and the leftovers found, or an exit code after an error line."""
+    if step is not None:
+        found = resolve_checkpoint("verify", path, step)
+        return found if isinstance(found, int) else ([found], [])
     if "://" in path:  # s3://bucket/run or s3://bucket/run/step-...: credentials from the environment
         try:
             runstate.inspect(path)
@@ -30,7 +35,7 @@ def _targets(path: str) -> tuple[list[str], list[str]] | int:
         return fail("verify", f"{path} is a file; give a checkpoint directory or a run directory")
     elif os.path.lexists(os.path.join(path, "manifest.json")):
         return [path], []
-    with runstate.CheckpointManager(path) as mgr:
+    with runstate.CheckpointManager(path, read_only=True) as mgr:
         targets = [mgr.path(step) for step in mgr.steps()]
         leftovers = mgr.leftovers()
     if not targets:
@@ -38,18 +43,42 @@ def _targets(path: str) -> tuple[list[str], list[str]] | int:
     return targets, leftovers
 
 
+def _deleted_meanwhile(target: str) -> bool:
+    """True when ``target``, a step of a run directory, is no longer committed: the run's writer
+    deleted it (retention) while it was being verified, which is not damage."""
+    parent, name = target.rstrip("/").rpartition("/")[0::2]
+    if not name.startswith("step-") or not parent:
+        return False
+    with runstate.CheckpointManager(parent, read_only=True) as mgr:
+        return all(mgr.path(step) != target for step in mgr.steps())
+
+
 @guarded("verify")
 def _verify(args: argparse.Namespace) -> int:
-    found = _targets(args.path)
+    found = _targets(args.path, args.step)
     if isinstance(found, int):
         return found
     targets, leftovers = found
     reports: list[runstate.VerifyReport] = []
+    deleted: list[str] = []
     with Progress() as progress:
         advance = progress.task("verifying checkpoints", total=len(targets))
-        for target in targets:
-            reports.append(runstate.verify(target))
-            advance(1)
+        for _attempt in range(100):
+            for target in targets:
+                report = runstate.verify(target)
+                if report.ok or not _deleted_meanwhile(target):
+                    reports.append(report)
+                else:
+                    deleted.append(target)
+                advance(1)
+            if reports or args.step is not None:
+                break
+            found = _targets(args.path, None)  # every one was deleted meanwhile: list the run again
+            if isinstance(found, int):
+                return found
+            targets = [t for t in found[0] if t not in deleted]
+    if not reports:
+        return fail("verify", f"every checkpoint of {args.path} was deleted by its writer while being verified")
     ok = all(r.ok for r in reports)
     if args.json:
         print_json({"path": args.path, "ok": ok, "checkpoints": reports})
@@ -57,17 +86,19 @@ def _verify(args: argparse.Namespace) -> int:
     for r in reports:
         checked = f"{r.tensors_checked} tensors, {human_bytes(r.nbytes_checked)} checked"
         if r.ok:
-            print(f"OK      {r.path}  ({checked})")
+            echo(f"OK      {r.path}  ({checked})")
         else:
             n = len(r.problems)
-            print(f"FAILED  {r.path}  ({n} problem{'s' if n != 1 else ''}; {checked})")
+            echo(f"FAILED  {r.path}  ({n} problem{'s' if n != 1 else ''}; {checked})")
             for problem in r.problems:
-                print(f"  {r.path}: {problem}")
+                echo(f"  {r.path}: {problem}")
     if len(reports) > 1:
         passed = sum(r.ok for r in reports)
-        print(f"{passed} of {len(reports)} checkpoints passed")
+        echo(f"{passed} of {len(reports)} checkpoints passed")
+    if deleted:
+        echo(f"{len(deleted)} checkpoint(s) deleted by the run's writer while being verified (not damage): skipped")
     if leftovers:
-        print(f"{len(leftovers)} leftover(s) of interrupted saves ignored; runstate gc {args.path} removes them")
+        echo(f"{len(leftovers)} leftover(s) of interrupted saves ignored; runstate gc {args.path} removes them")
     return 0 if ok else 1
 
 
@@ -81,5 +112,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "path", metavar="PATH", help="a checkpoint directory, or a run directory to check all its checkpoints"
     )
+    add_step_option(p, help="check only step N (or the newest step) of the run directory PATH")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
     p.set_defaults(func=_verify)

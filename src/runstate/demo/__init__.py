@@ -10,8 +10,10 @@ Four runs of the same small training job (``runstate.demo.job``), each in child 
 (d) the same, resumed with model and optimizer but without scheduler, RNG and data position.
 
 It prints a table (interruptions, final held-out loss, max |delta parameter| against (a),
-bit-identical or not), draws the loss curves to ``loss.png``, and exits non-zero unless (b)
-is bit-identical to (a) and (c), (d) are not: it is a self-check, not a slideshow.
+bit-identical or not), draws the loss curves to ``loss.png`` when matplotlib is installed (the
+``demo`` extra; without it the demo says so in one line and skips the picture), and exits
+non-zero unless (b) is bit-identical to (a) and (c), (d) are not: it is a self-check, not a
+slideshow.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Variant", "run_demo"]
+__all__ = ["MIN_STEPS", "Variant", "run_demo"]
 
 SAVE_EVERY = 25
+MIN_STEPS = 4 * SAVE_EVERY
 
 
 @dataclass
@@ -122,8 +125,15 @@ def _load_results(v: Variant, reference: dict[str, Any] | None) -> dict[str, Any
     return weights
 
 
-def _plot(variants: list[Variant], path: Path, resume_step: int) -> None:
-    import matplotlib
+PICTURE_HINT = "pip install 'runstate[demo]'"
+
+
+def _plot(variants: list[Variant], path: Path, resume_step: int) -> bool:
+    """Draw the loss curves to ``path``; False (nothing drawn) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -173,16 +183,23 @@ def _plot(variants: list[Variant], path: Path, resume_step: int) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return True
 
 
 def run_demo(
     out: str | os.PathLike[str], *, steps: int = 600, seed: int = 0, log: Callable[[str], None] = print
 ) -> int:
-    """Run the four variants, print the table, write ``loss.png``; return the exit code."""
+    """Run the four variants, print the table, write ``loss.png`` (with matplotlib); return the exit code."""
     t0 = time.monotonic()
     out_dir = Path(out).resolve()
+    if steps < MIN_STEPS:
+        raise ValueError(
+            f"runstate demo needs at least {MIN_STEPS} steps (got {steps}): the SIGKILL must fall after the first "
+            f"checkpoint (saved every {SAVE_EVERY} steps) for the comparison to mean anything"
+        )
     rnd = random.Random(seed)
-    kill_at = rnd.randint(int(0.15 * steps), int(0.45 * steps))
+    # The SIGKILL lands after the first checkpoint, so (c) and (d) really resume from one.
+    kill_at = rnd.randint(max(SAVE_EVERY + 1, int(0.15 * steps)), int(0.45 * steps))
     term_at = rnd.randint(int(0.55 * steps), int(0.85 * steps))
     variants = [
         Variant("a", "(a) uninterrupted", out_dir / "a-reference"),
@@ -229,10 +246,11 @@ def run_demo(
         if i == 0:
             log("  ".join("-" * w for w in widths))
     png = out_dir / "loss.png"
-    _plot(variants, png, resume_step)
-    log(
-        f"\nloss curves: {png}\nfinal loss = cross-entropy on 1024 held-out points; wall time {time.monotonic() - t0:.0f} s"
-    )
+    if _plot(variants, png, resume_step):
+        picture = f"loss curves: {png}"
+    else:
+        picture = f"loss curves: not drawn, matplotlib is not installed ({PICTURE_HINT} draws them)"
+    log(f"\n{picture}\nfinal loss = cross-entropy on 1024 held-out points; wall time {time.monotonic() - t0:.0f} s")
     ok = b.identical and not c.identical and not d.identical
     if not b.identical:
         log("FAILED: (b) is not bit-identical to the uninterrupted run")

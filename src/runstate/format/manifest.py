@@ -18,7 +18,9 @@ import numpy as np
 import xxhash
 
 from runstate.errors import CorruptCheckpointError, FormatVersionError
+from runstate.format.depth import stack_room
 from runstate.format.tensors import DTYPE_SIZES
+from runstate.format.tree import RESERVED_TENSOR_NAMES
 
 __all__ = [
     "FORMAT_NAME",
@@ -90,12 +92,8 @@ class TensorEntry:
             raise ValueError(f"data_offsets {[begin, end]} do not fit shape {list(entry.shape)} of {entry.dtype}")
         if not _is_plain_file_name(entry.file):
             raise ValueError(f"file name {entry.file!r} is not a plain .safetensors name inside the checkpoint")
-        if "lib_dtype" in meta:
-            _check_lib_dtype(meta["lib_dtype"])
-        if "lib_shape" in meta and not (
-            isinstance(meta["lib_shape"], list) and all(type(d) is int and d >= 0 for d in meta["lib_shape"])
-        ):
-            raise ValueError(f"lib_shape {meta['lib_shape']!r} is not a list of sizes")
+        if "lib_dtype" in meta or "lib_shape" in meta:
+            _check_raw_bytes(entry)
         return entry
 
 
@@ -259,8 +257,9 @@ class Manifest:
         }
         if self.ranks is not None:
             body["ranks"] = self.ranks.to_json()
-        body["checksum"] = _canonical_checksum(body)
-        return json.dumps(body, ensure_ascii=True, allow_nan=False).encode("ascii") + b"\n"
+        with stack_room():  # the typed trees nest up to MAX_TREE_DEPTH levels, json recurses
+            body["checksum"] = _canonical_checksum(body)
+            return json.dumps(body, ensure_ascii=True, allow_nan=False).encode("ascii") + b"\n"
 
     @classmethod
     def from_json_bytes(cls, raw: bytes, path: str) -> Manifest:
@@ -270,6 +269,11 @@ class Manifest:
             CorruptCheckpointError: unreadable JSON, a wrong checksum or a malformed field.
             FormatVersionError: the checkpoint needs a newer runstate.
         """
+        with stack_room():  # json recurses once per nesting level of the typed trees
+            return cls._parse(raw, path)
+
+    @classmethod
+    def _parse(cls, raw: bytes, path: str) -> Manifest:
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting, 4300+ digit numbers
@@ -349,6 +353,9 @@ class Manifest:
 
 def item_from_json(item: dict[str, Any]) -> ItemEntry:
     tensors = {str(k): TensorEntry.from_json(e) for k, e in item["tensors"].items()}
+    reserved = RESERVED_TENSOR_NAMES & set(tensors)
+    if reserved:
+        raise ValueError(f"tensor name {sorted(reserved)[0]!r} is reserved by safetensors")
     chunks = {}
     for k, c in item.get("chunks", {}).items():
         try:
@@ -372,12 +379,44 @@ def _count(value: Any) -> int:
     return value
 
 
-def _check_lib_dtype(value: Any) -> None:
+def _check_raw_bytes(entry: TensorEntry) -> None:
+    """Check a tensor stored as raw bytes: its real dtype and shape must fit them exactly.
+
+    The bytes are ``U8`` of shape ``[nbytes]``, and the real shape times the real element
+    size is ``nbytes``, so no codec is ever asked to build a tensor from fewer bytes than it
+    holds (a zero-byte tensor claiming a shape of a million elements would hand out
+    uninitialized memory). For a dtype NumPy does not know (``float8_e8m0fnu``, ``int4``),
+    whose size only the codec knows, the bytes must at least be a whole number of elements,
+    and none exactly when there are no elements; the codec's own view then checks the rest.
+    """
+    meta = entry.meta
+    if "lib_dtype" not in meta or "lib_shape" not in meta:
+        raise ValueError("lib_dtype and lib_shape come together")
+    lib_dtype, lib_shape = meta["lib_dtype"], meta["lib_shape"]
+    itemsize = _check_lib_dtype(lib_dtype)
+    if not (isinstance(lib_shape, list) and all(type(d) is int and d >= 0 for d in lib_shape)):
+        raise ValueError(f"lib_shape {str(lib_shape)[:200]!r} is not a list of sizes")
+    nbytes = entry.end - entry.begin
+    if entry.dtype != "U8" or entry.shape != (nbytes,):
+        raise ValueError(f"a tensor with lib_dtype is stored as U8 [nbytes], not {entry.dtype} {list(entry.shape)}")
+    count = math.prod(lib_shape)
+    if itemsize is not None:
+        fits = count * itemsize == nbytes
+    else:
+        fits = nbytes == 0 if count == 0 else nbytes % count == 0 and nbytes > 0
+    if not fits:
+        raise ValueError(f"lib_shape {str(lib_shape)[:200]} of {lib_dtype} does not fit its {nbytes} bytes")
+
+
+def _check_lib_dtype(value: Any) -> int | None:
     """A ``lib_dtype`` must name a numeric dtype: raw bytes are never rebuilt as strings,
     dates, records or objects (the writer stores only numeric dtypes this way).
 
     Names NumPy does not parse (``float8_e8m0fnu``, ml_dtypes' ``int4``) are left to the codec,
     which looks them up among real dtypes only.
+
+    Returns:
+        The element size in bytes, or None for a name NumPy does not parse.
     """
     if not isinstance(value, str) or len(value) > 64:
         raise ValueError(f"lib_dtype {str(value)[:64]!r} is not a dtype name")
@@ -385,11 +424,12 @@ def _check_lib_dtype(value: Any) -> None:
         dtype = np.dtype(value)
     except (TypeError, ValueError, SyntaxError, RecursionError, OverflowError):  # NumPy parses "(2,3)f8" with ast
         if value.isidentifier():
-            return
+            return None
         raise ValueError(f"lib_dtype {value!r} is not a dtype name") from None
     numeric = dtype.kind in "biufc" or dtype.type.__module__ == "ml_dtypes"
-    if not numeric or dtype.fields is not None or dtype.subdtype is not None:
+    if not numeric or dtype.fields is not None or dtype.subdtype is not None or dtype.itemsize < 1:
         raise ValueError(f"lib_dtype {value!r} is not a numeric dtype")
+    return int(dtype.itemsize)
 
 
 def _is_plain_file_name(name: str) -> bool:

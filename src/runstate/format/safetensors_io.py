@@ -23,6 +23,7 @@ from runstate.format.tensors import DTYPE_SIZES, TensorBlob
 
 __all__ = [
     "WrittenTensor",
+    "checksum_range",
     "file_metadata",
     "header_bytes",
     "read_header",
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 _CHUNK = 64 * 1024 * 1024
+_READ_CHUNK = 8 * 1024 * 1024
 _FADVISE = getattr(os, "posix_fadvise", None)
 _WRITEBACK_EVERY = 8 * 1024 * 1024
 _MAX_HEADER = 100 * 1024 * 1024
@@ -64,6 +66,8 @@ def header_bytes(tensors: Iterable[tuple[str, str, Sequence[int], int, int]], me
     """
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     for name, dtype, shape, begin, end in tensors:
+        if name == "__metadata__":  # the encoder never names a tensor so: see RESERVED_TENSOR_NAMES
+            raise ValueError("a tensor cannot be named __metadata__, the safetensors header's reserved key")
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     raw += b" " * (-len(raw) % 8)
@@ -166,6 +170,29 @@ def read_header(f: IO[bytes], path: str, size: int | None = None) -> tuple[dict[
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: safetensors header is not a JSON object")
     return header, 8 + n, body
+
+
+def checksum_range(f: IO[bytes], path: str, data_start: int, begin: int, end: int) -> str:
+    """XXH3-64 of the bytes ``[begin, end)`` of the data section, hashed as a stream.
+
+    Memory stays at one :data:`_READ_CHUNK` buffer whatever the tensor's size, so a tensor
+    larger than the free memory can still be verified.
+    """
+    hasher = xxhash.xxh3_64()
+    buf = np.empty(min(end - begin, _READ_CHUNK), dtype=np.uint8)
+    f.seek(data_start + begin)
+    left = end - begin
+    while left:
+        view = buf.data[: min(left, buf.nbytes)]
+        n = f.readinto(view)  # type: ignore[attr-defined]
+        if not n:
+            raise CorruptCheckpointError(
+                f"{path}: file is truncated (expected {end - begin} bytes at offset {data_start + begin}, "
+                f"got {end - begin - left})"
+            )
+        hasher.update(view[:n])
+        left -= n
+    return hasher.hexdigest()
 
 
 def read_tensor_bytes(f: IO[bytes], path: str, data_start: int, begin: int, end: int) -> np.ndarray:

@@ -20,12 +20,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from runstate.errors import CorruptCheckpointError, UnsupportedTypeError
+from runstate.format.depth import MAX_TREE_DEPTH, stack_room
 from runstate.format.tensors import TensorBlob, TensorCodec
 from runstate.registry import Registration, Registry
 from runstate.registry import registry as default_registry
 from runstate.stateful import is_stateful
 
 __all__ = [
+    "RESERVED_TENSOR_NAMES",
     "Decoder",
     "Encoder",
     "NamedTupleState",
@@ -36,6 +38,10 @@ __all__ = [
 
 Node = dict[str, Any]
 PathPart = Any
+
+#: Names a tensor never gets: ``__metadata__`` is the safetensors header's reserved key. A
+#: tensor whose path would give it such a name is named as if the name were taken (``#2``).
+RESERVED_TENSOR_NAMES = frozenset({"__metadata__"})
 
 
 def format_path(path: tuple[PathPart, ...], root: str = "state") -> str:
@@ -161,10 +167,18 @@ class Encoder:
         self._objects = objects
         self._registry = registry
         self._names_by_identity: dict[Any, str] = {}
+        self._depth = 0
 
     def encode(self, value: Any) -> Node:
-        """Encode the item's value; tensors accumulate in :attr:`blobs`."""
-        return self._encode(value, ())
+        """Encode the item's value; tensors accumulate in :attr:`blobs`.
+
+        Raises:
+            UnsupportedTypeError: a value cannot be stored without pickle, or the tree is
+                deeper than :data:`~runstate.format.depth.MAX_TREE_DEPTH` (a value that
+                contains itself, too).
+        """
+        with stack_room():
+            return self._encode(value, ())
 
     def _where(self, path: tuple[PathPart, ...]) -> str:
         return format_path((self.item, *path))
@@ -172,12 +186,24 @@ class Encoder:
     def _tensor_name(self, path: tuple[PathPart, ...]) -> str:
         base = ".".join(str(p) for p in path) if path else self.item
         name, n = base, 1
-        while name in self.blobs:
+        while name in self.blobs or name in RESERVED_TENSOR_NAMES:
             n += 1
             name = f"{base}#{n}"
         return name
 
     def _encode(self, value: Any, path: tuple[PathPart, ...]) -> Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_TREE_DEPTH:
+                raise UnsupportedTypeError(
+                    f"{self._where(path)[:300]}: the state nests deeper than {MAX_TREE_DEPTH} levels "
+                    "(or contains itself), which runstate cannot store; flatten it"
+                )
+            return self._encode_node(value, path)
+        finally:
+            self._depth -= 1
+
+    def _encode_node(self, value: Any, path: tuple[PathPart, ...]) -> Node:
         t = type(value)
         if value is None:
             return {"t": "none"}
@@ -308,10 +334,17 @@ class Decoder:
         self._load_tensor = load_tensor
         self._objects = objects
         self._tensors: dict[str, Any] = {}
+        self._depth = 0
 
     def decode(self, node: Any) -> Any:
-        """Decode one node (and its children)."""
-        return self._decode(node, ())
+        """Decode one node (and its children).
+
+        Raises:
+            CorruptCheckpointError: a malformed node, or a tree deeper than runstate writes
+                (:data:`~runstate.format.depth.MAX_TREE_DEPTH`).
+        """
+        with stack_room():
+            return self._decode(node, ())
 
     def _bad(self, path: tuple[PathPart, ...], what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -321,6 +354,15 @@ class Decoder:
         )
 
     def _decode(self, node: Any, path: tuple[PathPart, ...]) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_TREE_DEPTH:
+                raise self._bad(path, f"the tree nests deeper than {MAX_TREE_DEPTH} levels (runstate never writes one)")
+            return self._decode_node(node, path)
+        finally:
+            self._depth -= 1
+
+    def _decode_node(self, node: Any, path: tuple[PathPart, ...]) -> Any:
         if not isinstance(node, dict) or "t" not in node:
             raise self._bad(path, f"expected a typed node, found {type(node).__name__}")
         t = node["t"]

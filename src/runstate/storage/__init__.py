@@ -15,7 +15,15 @@ from typing import Any
 
 from runstate.errors import CheckpointError
 from runstate.storage.base import Lock, Staging, Store, step_dirname
-from runstate.storage.local import LocalStore, RunLock, commit_directory, fsync_dir, list_committed, remove_leftovers
+from runstate.storage.local import (
+    LocalStore,
+    RunLock,
+    commit_directory,
+    fsync_dir,
+    list_committed,
+    local_path,
+    remove_leftovers,
+)
 
 __all__ = [
     "LocalStore",
@@ -27,6 +35,7 @@ __all__ = [
     "fsync_dir",
     "is_url",
     "list_committed",
+    "local_path",
     "open_store",
     "remove_leftovers",
     "step_dirname",
@@ -64,4 +73,4 @@ def open_store(
         raise CheckpointError(
             f"storage_options only apply to URLs such as s3://bucket/run, not to the local path {os.fspath(location)!r}"
         )
-    return LocalStore(os.fspath(location))
+    return LocalStore(location)  # ~ expanded; relative paths work from the working directory

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import re
+import uuid
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import IO, Protocol
@@ -30,8 +31,10 @@ from runstate.errors import CheckpointError, CheckpointWriteError
 
 __all__ = ["LOCK_NAME", "STEP_RE", "Lock", "Staging", "Store", "step_dirname"]
 
-#: Committed checkpoints of a run are named ``step-<digits>``.
-STEP_RE = re.compile(r"^step-(\d+)$")
+#: Committed checkpoints of a run are named ``step-<digits>``, exactly as :func:`step_dirname`
+#: writes them (at least 12 digits, zero-padded): one name per step, so what is listed is what
+#: is read (an unpadded ``step-1200`` is not a checkpoint of the run).
+STEP_RE = re.compile(r"^step-([0-9]{12}|[1-9][0-9]{12,})\Z")
 #: The writer lock of a run directory.
 LOCK_NAME = ".lock"
 
@@ -222,3 +225,28 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def lock(self) -> Lock:
         """The writer lock of this run (not yet acquired)."""
+
+    # -- checkpoints set aside (kept for the user, never read as part of the run) ----------------
+    def set_aside(self, name: str, tag: str) -> str:
+        """Move the checkpoint ``name`` to ``<name>.<tag>-<12 hex>`` durably; return its new location.
+
+        Readers and retention ignore the new name (it is not ``step-N``); :meth:`list_aside`
+        finds it again. Backends whose ``rename`` is not durable by itself override this.
+
+        Raises:
+            CheckpointWriteError: the storage failed; ``name`` is still where it was.
+        """
+        return self.rename(name, f"{name}.{tag}-{uuid.uuid4().hex[:12]}")
+
+    def list_aside(self, tag: str) -> list[tuple[int, str]]:
+        """``(step, name)`` of every checkpoint set aside with ``tag``, by step."""
+        found = []
+        for name in self.list_names():
+            m = re.match(r"^step-(\d+)\." + re.escape(tag) + r"-[0-9a-f]{12}$", name)
+            if m:
+                found.append((int(m.group(1)), name))
+        return sorted(found)
+
+    def list_names(self) -> list[str]:
+        """The names of the entries directly under the root (empty when it does not exist)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its entries")

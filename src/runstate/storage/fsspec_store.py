@@ -383,6 +383,15 @@ class FsspecStore(Store):
         """An advisory ``.lock`` object."""
         return ObjectLock(self)
 
+    def list_names(self) -> list[str]:
+        """The names directly under the root prefix."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries})
+
 
 class ObjectLock:
     """An advisory writer lock: a ``.lock`` object holding its owner's pid, host, time and a token.
@@ -393,6 +402,10 @@ class ObjectLock:
     ``timeout`` seconds (refreshed at every save). A lock whose owner is known dead (same
     host, pid gone) or older than ``timeout`` is taken over with a warning. Two writers
     starting at the same instant can both succeed: one writer per run is the user's job.
+
+    A damaged lock object (not JSON, or a field missing or of the wrong type or range: a
+    truncated upload, a hand edit) names no owner that could be alive, so it is taken over
+    with a warning too, never reported as a raw ``ValueError``/``TypeError``.
     """
 
     def __init__(self, store: FsspecStore, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
@@ -414,13 +427,27 @@ class ObjectLock:
             return None
         try:
             owner = json.loads(raw)
-        except ValueError:
+        except ValueError:  # also invalid UTF-8
             return {}
         return owner if isinstance(owner, dict) else {}
 
+    @staticmethod
+    def _damage(owner: Mapping[str, Any]) -> str | None:
+        """What is wrong with a lock object's content, or None when it is well formed."""
+        if not owner:
+            return "not a JSON object"
+        pid, host, when, token = (owner.get(k) for k in ("pid", "host", "time", "token"))
+        if type(pid) is not int or not 0 < pid < 2**31:
+            return f"pid {pid!r:.40} is not a process id"
+        if not isinstance(host, str) or not isinstance(token, str):
+            return "host or token is not a string"
+        if isinstance(when, bool) or not isinstance(when, (int, float)) or not 0 <= when < 1e11:  # NaN fails too
+            return f"time {when!r:.40} is not a timestamp"
+        return None
+
     def _alive(self, owner: Mapping[str, Any]) -> bool:
-        age = time.time() - float(owner.get("time", 0))
-        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+        age = time.time() - float(owner["time"])
+        if owner["host"] == socket.gethostname():
             try:
                 os.kill(owner["pid"], 0)
             except ProcessLookupError:
@@ -434,8 +461,15 @@ class ObjectLock:
         """Take (or refresh) the lock; raise ``LockError`` if another owner may be alive."""
         self._store.fs.invalidate_cache(self._path)
         owner = self._read()
-        if owner is not None and owner.get("token") != self._token:
-            who = f"pid {owner.get('pid')} on {owner.get('host')}, written {time.ctime(float(owner.get('time', 0)))}"
+        damage = None if owner is None else self._damage(owner)
+        if owner is not None and damage is not None:
+            logger.warning(
+                "taking over the damaged lock object %s (%s); it names no writer that could be alive",
+                self._store.join(LOCK_NAME),
+                damage,
+            )
+        elif owner is not None and owner["token"] != self._token:
+            who = f"pid {owner['pid']} on {owner['host']}, written {time.ctime(float(owner['time']))}"
             if self._alive(owner):
                 raise LockError(
                     errno.EWOULDBLOCK,

@@ -3,9 +3,16 @@
 Invariant: a directory named ``step-<N>`` exists only once every byte inside it is on
 disk. Files are written into a hidden temporary directory next to it, each file and the
 directory are fsynced, the directory is renamed into place (atomic on POSIX) and the
-parent is fsynced so the rename itself survives a power cut. Anything hidden
-(``.tmp-*``, ``.del-*``) is a leftover of an interrupted save or deletion: readers ignore
-it and the next writer, holding the run's lock, removes it.
+parent is fsynced so the rename itself survives a power cut; every directory created on
+the way is fsynced into its parent too. A hidden ``.tmp-<name>-<12 hex>`` or
+``.del-<name>-<12 hex>`` directory is a save or deletion in progress: its process holds an
+``flock`` on it for as long as it works there. Once no process holds it, it is a leftover
+of an interrupted save or deletion: readers ignore it and the next writer, holding the
+run's lock, removes it. Nothing else is ever removed, whatever its name.
+
+Every file runstate writes is opened with ``O_NOFOLLOW`` (new files also with ``O_EXCL``),
+so a symlink planted in a run directory is refused, never followed; lock descriptors are
+close-on-exec and closed in a child right after ``fork()`` (see :func:`_track_across_fork`).
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 import socket
 import stat
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import IO
 
@@ -27,6 +36,7 @@ from runstate.storage.base import LOCK_NAME, STEP_RE, Staging, Store, step_dirna
 
 __all__ = [
     "LEFTOVER_PREFIXES",
+    "LEFTOVER_RE",
     "FillDirectory",
     "LocalStaging",
     "LocalStore",
@@ -35,16 +45,127 @@ __all__ = [
     "delete_directory",
     "fsync_dir",
     "list_committed",
+    "local_path",
     "remove_leftovers",
     "step_dirname",
 ]
 
 LEFTOVER_PREFIXES = (".tmp-", ".del-")
+#: The only names runstate's cleanup removes: ``.tmp-<name>-<12 hex>`` (a save) and
+#: ``.del-<name>-<12 hex>`` (a deletion), always directories.
+LEFTOVER_RE = re.compile(r"^\.(tmp|del)-(.+)-[0-9a-f]{12}$", re.DOTALL)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+#: A ``.lock`` larger than this was not written by runstate (its content is one short line).
+_MAX_LOCK_SIZE = 4096
+
+
+def local_path(location: str | os.PathLike[str]) -> str:
+    """A local path as the OS should see it: ``~`` and ``~user`` expanded, as a shell would.
+
+    Relative paths stay relative (to the working directory); every place that needs a
+    parent directory takes it from the absolute path, so a bare name such as ``"ckpt"``
+    works like ``"./ckpt"``.
+    """
+    return os.path.expanduser(os.fspath(location))
+
+
+class _Flock:
+    """An open descriptor holding an ``flock``; closed (not unlocked) in a child after ``fork()``.
+
+    ``flock`` locks belong to the open file description, which a forked child shares: a
+    child that lives on (a ``DataLoader`` worker) would keep the lock of a parent that was
+    killed. Every live ``_Flock`` is in a weak registry, and a hook registered once with
+    :func:`os.register_at_fork` closes their descriptors in every new child; closing a
+    duplicate leaves the parent's lock alone.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        _track_across_fork(self)
+
+    def release(self) -> None:
+        """Unlock and close (idempotent)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    def forget(self) -> None:
+        """Close the descriptor without unlocking (the child's copy after a fork)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:  # a save dropped without commit or abort is dead: its directory a leftover
+        self.forget()
+
+
+_HELD: weakref.WeakSet[_Flock] = weakref.WeakSet()
+_FORK_HOOK: list[bool] = []  # non-empty once the at-fork hook is registered
+
+
+def _close_in_child() -> None:
+    for held in list(_HELD):
+        held.forget()
+
+
+def _track_across_fork(held: _Flock) -> None:
+    """Have ``held`` closed in forked children; registers the at-fork hook on first use."""
+    if not _FORK_HOOK:
+        os.register_at_fork(after_in_child=_close_in_child)
+        _FORK_HOOK.append(True)
+    _HELD.add(held)
+
+
+class _NoDirectoryLocks(OSError):
+    """The filesystem cannot ``flock`` a directory (e.g. ``ENOLCK``, ``EBADF`` on some NFS setups)."""
+
+
+def _claim_dir(path: str) -> _Flock | None:
+    """An exclusive ``flock`` on the directory ``path``, or None when another process (or
+    another save in this one) holds it, or ``path`` is gone or not a real directory.
+
+    Raises:
+        _NoDirectoryLocks: the filesystem cannot lock directories.
+        OSError: the directory cannot be opened.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink: never ours
+            return None
+        raise
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as exc:
+            raise _NoDirectoryLocks(exc.errno, exc.strerror, path) from exc
+        opened = os.fstat(fd)
+        now = os.lstat(path)
+    except FileNotFoundError:
+        os.close(fd)
+        return None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    if (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino):  # replaced in between
+        os.close(fd)
+        return None
+    return _Flock(fd)
 
 
 def fsync_dir(path: str) -> None:
     """fsync a directory so that entries created or renamed in it are durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -92,21 +213,24 @@ class LocalStaging(Staging):
 
     parallel_writes = 1  # one local disk: sequential writes with early writeback are fastest
 
-    def __init__(self, tmp: str, final: str, *, can_commit: bool) -> None:
+    def __init__(self, tmp: str, final: str, *, can_commit: bool, claim: _Flock | None = None) -> None:
         self.location = tmp
         self.final = final
         self.can_commit = can_commit
         self.committed = False
         self._written: list[str] = []
+        self._claim = claim  # our flock on ``tmp``: the proof, for cleanup, that this save is alive
 
     @classmethod
     def begin(cls, final: str) -> LocalStaging:
-        """Create the temporary directory of ``final``.
+        """Create the temporary directory of ``final`` and hold an ``flock`` on it until done.
 
         Raises:
             StepExistsError: ``final`` already exists.
             CheckpointWriteError: the directory cannot be created.
         """
+        final = local_path(final)
+        final = final.rstrip(os.sep) or final
         parent = os.path.dirname(os.path.abspath(final))
         name = os.path.basename(final)
         if os.path.lexists(final):
@@ -114,10 +238,24 @@ class LocalStaging(Staging):
         tmp = os.path.join(parent, f".tmp-{name}-{uuid.uuid4().hex[:12]}")
         try:
             _makedirs_durable(parent)
-            os.mkdir(tmp)
+            for _ in range(100):  # a cleanup that removed our new directory before we locked it: retry
+                tmp = os.path.join(parent, f".tmp-{name}-{uuid.uuid4().hex[:12]}")
+                os.mkdir(tmp)
+                try:
+                    claim = _claim_dir(tmp)
+                except _NoDirectoryLocks:  # save unprotected: only the lock holder cleans up here
+                    return cls(tmp, final, can_commit=True)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(tmp)
+                    raise
+                if claim is not None:
+                    return cls(tmp, final, can_commit=True, claim=claim)
+                with contextlib.suppress(OSError):
+                    os.rmdir(tmp)
+            raise OSError(errno.EAGAIN, "another process keeps removing the temporary directory")
         except OSError as exc:
             raise _write_error(exc, "cannot create", tmp) from exc
-        return cls(tmp, final, can_commit=True)
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[IO[bytes]]:
@@ -125,7 +263,7 @@ class LocalStaging(Staging):
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"{name!r} is not a plain file name")
         path = os.path.join(self.location, name)
-        with open(path, "xb", buffering=0) as f:
+        with open(path, "xb", buffering=0, opener=_nofollow) as f:
             self._written.append(path)
             yield f
             os.fsync(f.fileno())
@@ -134,7 +272,7 @@ class LocalStaging(Staging):
         """Write ``manifest.json`` (fsynced) and rename the directory into place."""
         self._refuse_commit()
         try:
-            with open(os.path.join(self.location, MANIFEST_NAME), "xb") as f:
+            with open(os.path.join(self.location, MANIFEST_NAME), "xb", opener=_nofollow) as f:
                 f.write(manifest)
                 f.flush()
                 os.fsync(f.fileno())
@@ -157,12 +295,22 @@ class LocalStaging(Staging):
             raise StepExistsError(f"{self.final} appeared while saving; another writer uses this path")
         os.rename(self.location, self.final)
         try:
-            fsync_dir(os.path.dirname(self.final))
+            self._unclaim(quiet=False)  # a committed name is no leftover: nothing to protect any more
+            fsync_dir(os.path.dirname(os.path.abspath(self.final)))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.rename(self.final, self.location)
             raise
         self.committed = True
+
+    def _unclaim(self, *, quiet: bool = True) -> None:
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            try:
+                claim.release()
+            except OSError:
+                if not quiet:
+                    raise
 
     def abort(self) -> None:
         """Remove the temporary directory (an attached staging removes only the files it wrote)."""
@@ -170,6 +318,7 @@ class LocalStaging(Staging):
             return
         if self.can_commit:
             shutil.rmtree(self.location, ignore_errors=True)
+            self._unclaim()
         else:
             for path in self._written:
                 with contextlib.suppress(OSError):
@@ -200,7 +349,7 @@ class FillDirectory(LocalStaging):
 
     def commit(self, manifest: bytes) -> str:
         """Write ``manifest.json`` (fsynced); no rename."""
-        with open(os.path.join(self.location, MANIFEST_NAME), "xb") as f:
+        with open(os.path.join(self.location, MANIFEST_NAME), "xb", opener=_nofollow) as f:
             f.write(manifest)
             f.flush()
             os.fsync(f.fileno())
@@ -211,8 +360,14 @@ class FillDirectory(LocalStaging):
         """Nothing: the directory belongs to the caller."""
 
 
+def _nofollow(path: str, flags: int) -> int:
+    """The ``opener`` of every file runstate creates (mode ``"xb"``): ``O_NOFOLLOW`` added."""
+    return os.open(path, flags | os.O_NOFOLLOW | _CLOEXEC, 0o644)
+
+
 def _makedirs_durable(path: str) -> None:
     """Create ``path`` and its missing parents, fsyncing each new entry's parent."""
+    path = os.path.abspath(path)
     if os.path.isdir(path):
         return
     parent = os.path.dirname(path)
@@ -236,16 +391,24 @@ def delete_directory(path: str) -> None:
     """
     parent, name = os.path.split(os.path.abspath(path))
     doomed = os.path.join(parent, f".del-{name}-{uuid.uuid4().hex[:12]}")
+    claim = None
+    with contextlib.suppress(OSError):  # held while deleting: cleanup leaves the directory to us
+        claim = _claim_dir(path)
     try:
-        os.rename(path, doomed)
-    except OSError as exc:
-        raise _write_error(exc, "cannot delete old checkpoint", path, "it is still there") from exc
-    try:
-        fsync_dir(parent)
-        shutil.rmtree(doomed)
-    except OSError as exc:
-        left = f"it is gone, but its files remain in {doomed} until the next writer"
-        raise _write_error(exc, "cannot delete old checkpoint", path, left) from exc
+        try:
+            os.rename(path, doomed)
+        except OSError as exc:
+            raise _write_error(exc, "cannot delete old checkpoint", path, "it is still there") from exc
+        try:
+            fsync_dir(parent)
+            shutil.rmtree(doomed)
+        except OSError as exc:
+            left = f"it is gone, but its files remain in {doomed} until the next writer"
+            raise _write_error(exc, "cannot delete old checkpoint", path, left) from exc
+    finally:
+        if claim is not None:
+            with contextlib.suppress(OSError):
+                claim.release()
 
 
 def list_committed(directory: str) -> dict[int, str]:
@@ -264,27 +427,71 @@ def list_committed(directory: str) -> dict[int, str]:
     return dict(sorted(out.items()))
 
 
+def _is_leftover(path: str) -> bool:
+    """A real directory (not a symlink) that no save or deletion in progress holds."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        claim = _claim_dir(path)
+    except FileNotFoundError:
+        return False
+    except OSError:  # no directory locks on this filesystem (only the lock holder writes here), or unreadable
+        return True
+    if claim is None:
+        return False
+    with contextlib.suppress(OSError):
+        claim.release()
+    return True
+
+
 def list_leftovers(directory: str) -> list[str]:
-    """Paths of temporaries left by interrupted saves or deletions."""
+    """Paths of the remains of interrupted saves or deletions.
+
+    Only real directories named exactly ``.tmp-<name>-<12 hex>`` or ``.del-<name>-<12 hex>``
+    count, and only once no process holds an ``flock`` on them: a save in progress (of a
+    manager, or a standalone ``runstate.save`` into the run directory) holds one until it
+    commits or aborts, and the kernel drops it when that process dies.
+    """
     try:
         names = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(os.path.join(directory, n) for n in names if n.startswith(LEFTOVER_PREFIXES))
+    paths = (os.path.join(directory, n) for n in names if LEFTOVER_RE.match(n))
+    return sorted(p for p in paths if _is_leftover(p))
 
 
 def remove_leftovers(directory: str) -> list[str]:
-    """Remove temporaries; call only while holding the run's :class:`RunLock`."""
+    """Remove the leftovers :func:`list_leftovers` finds; call only while holding the run's :class:`RunLock`.
+
+    Each is removed while holding its ``flock``, so a save that starts at that moment never
+    loses its directory (it retries under a new name).
+    """
     try:
-        removed = list_leftovers(directory)
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
     except OSError as exc:
         raise _write_error(exc, "cannot list", directory) from exc
-    for path in removed:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
+    removed = []
+    for path in sorted(os.path.join(directory, n) for n in names if LEFTOVER_RE.match(n)):
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                continue
+            claim = _claim_dir(path)
+        except _NoDirectoryLocks:  # only the lock holder writes here: remove it, as it always did
+            claim = None
+        except OSError:  # gone, or cannot be opened: left for the next cleanup
+            continue
         else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+            if claim is None:  # a save or deletion in progress
+                continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            if claim is not None:
+                with contextlib.suppress(OSError):
+                    claim.release()
+        removed.append(path)
     return removed
 
 
@@ -294,26 +501,52 @@ class RunLock:
     It is an ``flock`` on ``<dir>/.lock``: the kernel drops it when the holder dies, so a
     lock left by a killed writer is simply taken over. The file records the holder's pid
     and host for the error message. Readers never take it.
+
+    The file is opened without following a symlink and without truncating it; it is
+    rewritten only once the lock is held and it is known to be a regular file with a
+    single name. Its descriptor is close-on-exec and is closed in forked children, so a
+    ``DataLoader`` worker never keeps the lock of a writer that died.
     """
 
     def __init__(self, directory: str) -> None:
-        self.path = os.path.join(directory, LOCK_NAME)
-        self._fd: int | None = None
+        self.path = os.path.join(local_path(directory), LOCK_NAME)
+        self._held: _Flock | None = None
 
     @property
     def held(self) -> bool:
-        """True while this object holds the lock."""
-        return self._fd is not None
+        """True while this object holds the lock (False in a child forked meanwhile)."""
+        return self._held is not None and self._held.fd is not None
+
+    def _refuse(self, what: str, code: int = errno.EEXIST) -> LockError:
+        return LockError(
+            code,
+            f"{self.path} {what}, not a lock file runstate created; runstate never writes through it. "
+            f"Remove it (rm {self.path}) and try again",
+        )
 
     def acquire(self) -> None:
-        """Take the lock or raise :class:`LockError` naming the live holder."""
-        if self._fd is not None:
+        """Take the lock or raise :class:`LockError` naming the live holder.
+
+        Raises:
+            LockError: another live process holds it, or ``.lock`` is a symlink, a hard
+                link or not a regular file (refused, left untouched).
+            CheckpointWriteError: the directory or the file cannot be created or locked.
+        """
+        if self.held:
             return
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            _makedirs_durable(os.path.dirname(self.path))
+            fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._refuse("is a symbolic link", errno.ELOOP) from None
+            if exc.errno == errno.EISDIR:
+                raise self._refuse("is not a regular file", errno.EISDIR) from None
             raise _write_error(exc, "cannot create lock file", self.path) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._refuse("is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -328,17 +561,25 @@ class RunLock:
         except OSError as exc:  # e.g. ENOLCK: a filesystem without flock
             os.close(fd)
             raise _write_error(exc, "cannot lock", self.path) from exc
+        held = _Flock(fd)
+        st = os.fstat(fd)
+        if st.st_nlink == 0:  # removed between open and flock: lock the new one
+            held.release()
+            return self.acquire()
+        if st.st_nlink != 1 or st.st_size > _MAX_LOCK_SIZE:
+            held.release()
+            raise self._refuse("is a hard link" if st.st_nlink != 1 else f"holds {st.st_size} bytes")
         with contextlib.suppress(OSError):  # the holder's name is informational: a full disk must not matter
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
+            mine = f"pid {os.getpid()} on {socket.gethostname()}\n".encode()
+            os.pwrite(fd, mine, 0)
+            os.ftruncate(fd, len(mine))
+        self._held = held
 
     def release(self) -> None:
         """Release the lock (idempotent)."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
 
 
 def open_regular(path: str, name: str) -> IO[bytes]:
@@ -376,8 +617,8 @@ def open_regular(path: str, name: str) -> IO[bytes]:
 class LocalStore(Store):
     """A directory on a local POSIX filesystem: atomic rename commits, fsync, ``flock`` lock."""
 
-    def __init__(self, location: str) -> None:
-        self.location = os.fspath(location)
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        self.location = local_path(location)
 
     def __repr__(self) -> str:
         return f"LocalStore({self.location!r})"
@@ -409,7 +650,7 @@ class LocalStore(Store):
         return list_committed(self.location)
 
     def list_leftovers(self) -> list[str]:
-        """``.tmp-*`` and ``.del-*`` entries."""
+        """``.tmp-<name>-<12 hex>`` and ``.del-<name>-<12 hex>`` directories no live process holds."""
         return list_leftovers(self.location)
 
     def begin(self, name: str | int) -> LocalStaging:
@@ -442,9 +683,25 @@ class LocalStore(Store):
         return dst
 
     def remove_leftovers(self) -> list[str]:
-        """Remove ``.tmp-*`` and ``.del-*`` entries."""
+        """Remove what :meth:`list_leftovers` lists (never a save or deletion in progress)."""
         return remove_leftovers(self.location)
 
     def lock(self) -> RunLock:
         """An ``flock`` on ``<dir>/.lock``."""
         return RunLock(self.location)
+
+    def set_aside(self, name: str, tag: str) -> str:
+        """``os.rename`` to ``<name>.<tag>-<12 hex>``, then fsync the run directory."""
+        moved = self.rename(name, f"{name}.{tag}-{uuid.uuid4().hex[:12]}")
+        try:
+            fsync_dir(self.location)
+        except OSError as exc:
+            raise _write_error(exc, "cannot make durable the move of", self.join(name), f"it is now {moved}") from exc
+        return moved
+
+    def list_names(self) -> list[str]:
+        """``os.listdir`` of the root."""
+        try:
+            return sorted(os.listdir(self.location))
+        except (FileNotFoundError, NotADirectoryError):
+            return []

@@ -1,0 +1,79 @@
+"""The save in flight of ``CheckpointManager(async_save=True)``, written by one background thread.
+
+Invariant: a background failure is never lost. It is raised, as :class:`AsyncSaveError` with
+the original exception chained, by the next :meth:`BackgroundSaver.wait` (the manager's next
+``save``, ``wait``, ``restore``, ``clean`` or ``close``). A process that exits before any of
+them waits for the save at interpreter exit (Python has joined the writer thread by then),
+and if it failed, logs the error at ERROR and exits with status 1, so a supervisor never
+takes a lost checkpoint for a finished run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import logging
+import os
+import sys
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from runstate.errors import AsyncSaveError
+
+__all__ = ["BackgroundSaver"]
+
+logger = logging.getLogger("runstate")
+
+
+class BackgroundSaver:
+    """At most one save in flight, on one thread; registered for interpreter exit until :meth:`shutdown`."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstate-save")
+        self._pending: tuple[int, str, Future[None]] | None = None
+        self._at_exit = functools.partial(_finish_at_exit, weakref.ref(self))
+        atexit.register(self._at_exit)
+
+    def submit(self, step: int, where: str, write: Callable[[], None]) -> None:
+        """Run ``write`` in the background (the previous save must have been waited for)."""
+        self._pending = (step, where, self._executor.submit(write))
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed.
+
+        Raises:
+            AsyncSaveError: the background save failed; its exception is the ``__cause__``.
+        """
+        if self._pending is None:
+            return
+        step, where, future = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except Exception as exc:
+            raise AsyncSaveError(
+                f"{where}: the background save of step {step} failed, nothing was committed: {exc}", step=step
+            ) from exc
+
+    def shutdown(self) -> None:
+        """Stop the thread (after the save in flight) and drop the exit hook. Idempotent."""
+        self._executor.shutdown(wait=True)
+        atexit.unregister(self._at_exit)
+
+
+def _finish_at_exit(ref: weakref.ref[BackgroundSaver]) -> None:
+    """At interpreter exit: collect the save left in flight; a failure is logged, exit status 1."""
+    saver = ref()
+    if saver is None:
+        return
+    try:
+        saver.wait()
+    except AsyncSaveError as exc:
+        logger.error("%s (the process exits without close() or wait(); exiting with status 1)", exc, exc_info=exc)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()
+        logging.shutdown()
+        os._exit(1)  # the status Python would give an uncaught exception; later exit handlers are skipped
