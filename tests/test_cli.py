@@ -51,6 +51,7 @@ def run_json(*args: Any) -> Any:
 
 
 def one_error_line(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

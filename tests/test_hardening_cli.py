@@ -27,6 +27,7 @@ import pytest
 
 import runstate
 from runstate.cli.diff import same_value
+from tests.test_cli import one_error_line
 
 #: Sequences a hostile name could carry: an OSC 52 clipboard write, a carriage return and an
 #: erase-line (hiding what came before), a bidi override, a C1 control (CSI), DEL.
@@ -50,15 +51,6 @@ def run(*args: Any, plain: bool = False) -> subprocess.CompletedProcess[str]:
         timeout=300,
     )
 
-
-def one_error_line(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def assert_no_control(text: str) -> None:
@@ -365,6 +357,29 @@ def test_import_recognizes_the_usual_step_counters(tmp_path: Path) -> None:
     assert runstate.inspect(tmp_path / "given").step == 5
 
 
+def test_import_of_a_file_that_is_not_a_torch_save_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    files = {
+        "text.pt": (b"hello\n", "KeyError"),  # torch.load raised a bare KeyError: exit 3
+        "empty.pt": (b"", "EOFError"),  # the reason was an empty string
+        "proto5.pt": (b"\x80\x05K\x01.", "Invalid magic number"),  # torch's UserWarning was a second line
+        "index.pt": (b"\x80\x02a\x9b\x91\xff\xc9\x11\xf5|\xce", "cannot read"),  # a bare IndexError
+        "struct.pt": (b"\x80\x02X\x91Kf", "cannot read"),  # a bare struct.error
+    }
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    for name, (data, said) in files.items():
+        (tmp_path / name).write_bytes(data)
+        proc = subprocess.run(
+            [sys.executable, "-m", "runstate", "import", str(tmp_path / name), "-o", str(tmp_path / f"{name}.out")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        one_error_line(proc, 2, f"cannot read {tmp_path / name} as a torch.save file: ", said)
+        assert not (tmp_path / f"{name}.out").exists()
+
+
 # --- docs/cli.md, "Comparing two runs": the transcript as printed -------------------------
 
 TRAIN = """
@@ -412,3 +427,11 @@ def test_the_comparing_two_runs_transcript_of_the_docs(tmp_path: Path) -> None:
                 assert want.split()[:4] == line.split()[:4], (want, line)
             else:
                 assert want == line
+
+
+def test_gc_of_a_directory_that_is_not_a_run_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Regression: ``runstate gc ~`` (a slip) created ``~/.lock``: gc took the writer lock first."""
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = run("gc", tmp_path)
+    assert proc.returncode == 0 and "no leftovers" in proc.stdout, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -37,21 +37,13 @@ from torch import nn
 
 import runstate
 from runstate.format.depth import MAX_TREE_DEPTH
-from runstate.format.manifest import _canonical_checksum
 from runstate.policies import Retention
 from runstate.reader import CheckpointReader
 from runstate.storage.local import LocalStore
+from tests.test_untrusted import rewrite
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def rewrite(ckpt: Path, edit: Callable[[dict[str, Any]], None]) -> None:
-    """Edit the manifest as an attacker would: with a checksum that matches."""
-    body = json.loads((ckpt / "manifest.json").read_text())
-    edit(body)
-    body.pop("checksum")
-    body["checksum"] = _canonical_checksum(body)
-    (ckpt / "manifest.json").write_text(json.dumps(body))
 
 
 def at_call_depth(depth: int, fn: Callable[[], Any]) -> Any:
@@ -409,6 +401,8 @@ def raw_entry(body: dict[str, Any], item: str) -> dict[str, Any]:
         (np.zeros(2, dtype=np.complex128), {"lib_shape": None}),  # lib_dtype alone used to raise a raw KeyError
         (torch.zeros(2, dtype=torch.complex128), {"lib_shape": None}),
         (np.zeros(2, dtype=np.complex128), {"dtype": "U16", "shape": [16]}),
+        (torch.zeros(0, dtype=torch.complex128), {"lib_shape": [2**70, 0]}),  # verify said OK, load "damaged"
+        (np.zeros(0, dtype=np.complex128), {"lib_shape": [0, 2**64]}),
     ],
     ids=lambda x: f"{type(x).__module__}-{x.dtype}-{tuple(x.shape)}" if hasattr(x, "dtype") else str(x),
 )

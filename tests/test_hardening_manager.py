@@ -23,6 +23,7 @@ import pytest
 import runstate
 import runstate.manager as manager_module
 from runstate.cli import run as run_cli
+from runstate.reader import CheckpointReader
 from tests.test_exact_resume import assert_exact, reference  # noqa: F401 - the fixture is used by name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,18 +263,71 @@ def progress(out_dir: Path) -> int:
 # -- 14.8: latest_step(verified=True) ------------------------------------------------------------------
 
 
-def test_latest_step_verified_skips_a_damaged_step(tmp_path: Path) -> None:
-    with runstate.CheckpointManager(tmp_path, keep_last=None) as mgr:
+def two_steps_the_second_damaged(run: Path) -> None:
+    """Save steps 1 and 2, then flip the last byte of step 2's tensor file."""
+    with runstate.CheckpointManager(run, keep_last=None) as mgr:
         for step in (1, 2):
             mgr.save(step, {"w": np.full(64, float(step))})
-    data = tmp_path / "step-000000000002" / "w.safetensors"
+    data = run / "step-000000000002" / "w.safetensors"
     raw = bytearray(data.read_bytes())
     raw[-1] ^= 0xFF
     data.write_bytes(bytes(raw))
+
+
+def test_latest_step_verified_skips_a_damaged_step(tmp_path: Path) -> None:
+    two_steps_the_second_damaged(tmp_path)
     reader = runstate.CheckpointManager(tmp_path, read_only=True)
     assert reader.latest_step() == 2  # names only: the damage is not seen
     assert reader.latest_step(verified=True) == 1
     assert reader.steps() == [1, 2]  # nothing moved or deleted by a reader
+
+
+def test_latest_step_verified_lists_again_when_the_writer_deletes_the_step_being_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """keep_last=1: the writer commits step 2 and deletes step 1 while a reader verifies step 1.
+    That is not damage: the reader lists again and returns step 2 (it returned None)."""
+    writer = runstate.CheckpointManager(tmp_path, keep_last=1)
+    writer.save(1, {"w": np.full(64, 1.0)})
+    reader = runstate.CheckpointManager(tmp_path, read_only=True)
+    verify_reader = manager_module.verify_reader
+    checked: list[int] = []
+
+    def save_meanwhile(checkpoint: CheckpointReader) -> runstate.VerifyReport:
+        checked.append(checkpoint.info().step)
+        if len(checked) == 1:
+            writer.save(2, {"w": np.full(64, 2.0)})  # retention deletes step 1 under the reader
+        return verify_reader(checkpoint)
+
+    monkeypatch.setattr(manager_module, "verify_reader", save_meanwhile)
+    assert reader.latest_step(verified=True) == 2
+    assert checked == [1, 2]
+    writer.close()
+
+
+def test_a_step_deleted_by_the_writer_while_a_reader_restores_it_is_not_called_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """restore(state, step=1) in a reader while the writer's keep_last=1 deletes step 1: the step
+    is gone, not damaged (it raised CorruptCheckpointError: manifest.json is missing)."""
+    import runstate.run_restore as run_restore
+
+    writer = runstate.CheckpointManager(tmp_path, keep_last=1)
+    writer.save(1, {"w": np.full(64, 1.0)})
+    reader = runstate.CheckpointManager(tmp_path, read_only=True)
+
+    class DeletedFirst(CheckpointReader):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            writer.save(2, {"w": np.full(64, 2.0)})  # retention deletes step 1 before it is opened
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(run_restore, "CheckpointReader", DeletedFirst)
+    state = {"w": np.zeros(64)}
+    with pytest.raises(runstate.CheckpointNotFoundError, match=r"step 1 of .* was deleted .*steps: \[2\]") as caught:
+        reader.restore(state, step=1)
+    assert not isinstance(caught.value, runstate.CorruptCheckpointError)
+    assert np.array_equal(state["w"], np.zeros(64))  # nothing restored
+    writer.close()
 
 
 # -- 13.9: readers next to a writer whose retention deletes ----------------------------------------------
@@ -321,6 +375,8 @@ READER = """
         latest = mgr.latest_step()
         if latest is None:
             problems.append("latest_step returned None")
+        if i % 5 == 3 and mgr.latest_step(verified=True) is None:
+            problems.append("latest_step(verified=True) returned None")
     print(json.dumps({"iterations": i, "restored": restored, "verified": verified, "problems": problems[:10], "n": len(problems)}))
 """
 
@@ -349,13 +405,7 @@ def test_a_reader_next_to_a_deleting_writer_always_finds_a_checkpoint(tmp_path: 
 def test_ls_says_what_it_checked_and_verify_finds_the_damage(tmp_path: Path) -> None:
     from tests.test_rollback import cli_out
 
-    with runstate.CheckpointManager(tmp_path, keep_last=None) as mgr:
-        for step in (1, 2):
-            mgr.save(step, {"w": np.full(64, float(step))})
-    data = tmp_path / "step-000000000002" / "w.safetensors"
-    raw = bytearray(data.read_bytes())
-    raw[-1] ^= 0xFF
-    data.write_bytes(bytes(raw))
+    two_steps_the_second_damaged(tmp_path)
     code, out = cli_out("ls", str(tmp_path))
     rows = [line.split() for line in out.splitlines() if re.match(r" *\d+ +\d{4}-\d\d-\d\d ", line)]
     assert code == 0 and [r[-3:] for r in rows] == [["not", "verified", "ok"], ["not", "verified", "ok"]]

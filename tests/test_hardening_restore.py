@@ -376,3 +376,14 @@ def test_exclude_keeps_the_live_config(tmp_path: Path) -> None:
         assert mgr.last_restore_report is not None and mgr.last_restore_report.excluded == ("config",)
     with pytest.raises(runstate.StateMismatchError, match="exclude must be a list of item names"):
         runstate.load(tmp_path / "ck", {"model": nn.Linear(2, 2)}, exclude=[1])  # type: ignore[list-item]
+
+
+def test_an_exclude_pattern_that_matches_nothing_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A misspelled exclude (``confg``) would restore the stored config silently: say so in the log.
+    runstate.save(tmp_path / "ck", {"model": nn.Linear(2, 2), "config": {"lr": 0.1}})
+    state: dict[str, Any] = {"model": nn.Linear(2, 2), "config": {"lr": 0.3}}
+    with caplog.at_level(logging.WARNING, logger="runstate"):
+        runstate.load(tmp_path / "ck", state, exclude=["confg", "model"])
+    warnings = [r.getMessage() for r in caplog.records if "matches no item" in r.getMessage()]
+    assert len(warnings) == 1 and "'confg'" in warnings[0] and "'config'" in warnings[0], warnings
+    assert state["config"] == {"lr": 0.1}  # restored, as the log says

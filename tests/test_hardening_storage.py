@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import runstate
@@ -81,7 +82,14 @@ def test_the_first_save_of_a_new_run_makes_the_run_directory_durable(
 def _foreign_entries(run: Path) -> list[Path]:
     """Entries that look like leftovers but are not of the exact documented form."""
     entries = []
-    for name in (".tmp-notes", ".del-me", f".tmp-step-000000000001-{HEX[:-1]}x", f".del--{HEX}", ".tmp-x-ABCDEF012345"):
+    for name in (
+        ".tmp-notes",
+        ".del-me",
+        f".tmp-step-000000000001-{HEX[:-1]}x",
+        f".del--{HEX}",
+        ".tmp-x-ABCDEF012345",
+        f".tmp-step-000000000001-{HEX}\n",  # the form, then a newline: not the form
+    ):
         (run / name).mkdir()
         (run / name / "keep.txt").write_text("user data")
         entries.append(run / name)
@@ -301,6 +309,7 @@ def test_a_forked_child_sees_the_lock_as_not_held(tmp_path: Path) -> None:
         b'{"pid": -1, "host": "HOST", "time": "NOW"}',
         b'{"pid": 99999999999999999999, "host": "HOST", "time": "NOW"}',
         b'{"pid": true, "host": "HOST", "time": "NOW"}',
+        b"[" * 100_000,  # json.loads raises RecursionError, not ValueError
     ],
 )
 def test_a_damaged_object_lock_is_taken_over_with_a_warning(content: bytes, caplog: pytest.LogCaptureFixture) -> None:
@@ -385,3 +394,43 @@ def test_import_writes_to_every_path_form(form: str, fresh_cwd: Path) -> None:
     assert main(["import", "m.pt", "-o", path]) == 0
     assert (where / "manifest.json").is_file()
     assert runstate.load(where)["step"] == 5
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_cli_command_takes_every_path_form(
+    form: str, fresh_cwd: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from runstate.cli import main
+
+    path, where = _where(form, fresh_cwd)
+    with runstate.CheckpointManager(where) as mgr:
+        mgr.save(1, {"w": np.ones(2, np.float32)})
+        mgr.save(2, {"w": np.zeros(2, np.float32)})
+    step = f"{path}/step-000000000002"
+    out, out_where = f"{path}.safetensors", Path(f"{where}.safetensors")
+    assert main(["ls", path]) == 0
+    assert main(["show", path, "--step", "latest"]) == 0
+    assert main(["show", step]) == 0
+    assert main(["verify", path]) == 0
+    assert main(["verify", step]) == 0
+    assert main(["diff", path, path, "--step-a", "1", "--step-b", "1"]) == 0
+    assert main(["diff", step, step]) == 0
+    assert main(["export", path, "w", "-o", out, "--step", "2"]) == 0
+    assert out_where.is_file()
+    assert main(["gc", path]) == 0
+    assert "error" not in capsys.readouterr().err
+
+
+def test_an_empty_path_is_refused_everywhere(fresh_cwd: Path) -> None:
+    # A manager on "" saved into the working directory but listed nothing there: a restart
+    # started from scratch next to its own checkpoints.
+    calls = [
+        lambda: runstate.CheckpointManager(""),
+        lambda: runstate.save("", {"x": 1}),
+        lambda: runstate.load(""),
+        lambda: runstate.inspect(""),
+    ]
+    for call in calls:
+        with pytest.raises(runstate.CheckpointError, match="the path is empty"):
+            call()
+    assert list((fresh_cwd / "work").iterdir()) == [fresh_cwd / "work" / "sub"]

@@ -83,6 +83,16 @@ def test_rollback_with_keep_last_1_keeps_the_step_rolled_back_to_at_the_first_sa
         assert [s for s, _ in mgr.abandoned()] == [2, 3]
 
 
+def test_gc_abandoned_removes_only_names_of_the_exact_form(tmp_path: Path) -> None:
+    run_with(tmp_path, (1,))
+    foreign = tmp_path / "step-000000000002.abandoned-0123456789ab\n"  # the form, then a newline
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("user data")
+    assert runstate.CheckpointManager(tmp_path, read_only=True).abandoned() == []
+    assert cli_out("gc", "--abandoned", str(tmp_path))[0] == 0
+    assert (foreign / "keep.txt").read_text() == "user data"
+
+
 def test_a_reader_never_rolls_back(tmp_path: Path) -> None:
     run_with(tmp_path, (1, 2, 3))
     reader = runstate.CheckpointManager(tmp_path, read_only=True)

@@ -279,3 +279,34 @@ def test_docs_data_loaders_example_resumes_exactly(tmp_path: Path, monkeypatch) 
     first, second = spaces
     assert first["step"] == second["step"] == 3 and second["mgr"].steps() == [2]
     assert torch.equal(first["x"], second["x"])
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """An IterableDataset without state_dict: torchdata resumes it by fast-forwarding."""
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        yield from (torch.tensor([float(i)]) for i in range(wid, 16, n))
+
+
+def test_iterable_dataset_without_state_in_workers_resumes_at_its_position() -> None:
+    """The bug: runstate's worker RNG carry gave the dataset a state_dict, so torchdata stopped
+    fast-forwarding it, and a resumed loader replayed every worker's stream from its start."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from runstate.torch import exact
+
+    def loader():
+        return exact(StatefulDataLoader(_Stream(), batch_size=2, num_workers=2))
+
+    ref = [b.flatten().tolist() for b in loader()]
+    first = loader()
+    it = iter(first)
+    head = [next(it).flatten().tolist() for _ in range(3)]
+    saved = first.state_dict()
+    del it, first
+    resumed = loader()
+    resumed.load_state_dict(saved)
+    tail = [b.flatten().tolist() for b in resumed]
+    assert head + tail == ref

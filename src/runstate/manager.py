@@ -38,6 +38,7 @@ from runstate.checkpoint import (
 from runstate.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CheckpointWriteError,
     CorruptCheckpointError,
     LockError,
@@ -331,16 +332,26 @@ class CheckpointManager:
         steps = self.steps()
         if not verified:
             return steps[-1] if steps else None
-        for step in reversed(steps):
-            try:
-                intact = verify_reader(CheckpointReader(self._store.child(step_dirname(step)))).ok
-            except CheckpointError:
-                intact = False
-            if intact:
-                return step
-            if step in self.steps():  # not deleted meanwhile by the writer: damaged
+        tried: set[int] = set()
+        while True:  # listed again whenever the writer's retention deleted a step while it was checked
+            for step in reversed([s for s in steps if s not in tried]):
+                tried.add(step)
+                try:
+                    intact = verify_reader(CheckpointReader(self._store.child(step_dirname(step)))).ok
+                except CheckpointReadError:  # the machine, not the checkpoint (open-file limit, memory...)
+                    if step in self.steps():
+                        raise
+                    intact = False
+                except CheckpointError:
+                    intact = False
+                if intact:
+                    return step
+                if step not in self.steps():  # deleted meanwhile by the writer: not damage, list again
+                    break
                 logger.warning("latest_step(verified=True): step %d fails verification; trying older ones", step)
-        return None
+            else:
+                return None
+            steps = self.steps()
 
     def info(self, step: int) -> CheckpointInfo:
         """The :class:`CheckpointInfo` of a committed step.
@@ -542,7 +553,16 @@ class CheckpointManager:
         prepare_loaders(state, saving=False)
         self.wait()
         if step is not None:
-            self.last_restore_report = self._restorer.restore_from(self._existing(step), state, strict, rename, exclude)
+            try:
+                report = self._restorer.restore_from(self._existing(step), state, strict, rename, exclude)
+            except CorruptCheckpointError as exc:
+                if step in self._store.list_committed():
+                    raise
+                raise CheckpointNotFoundError(  # the writer's retention deleted it under us: not damage
+                    f"step {step} of {self.directory} was deleted (by the writer's retention) while it was being "
+                    f"read; nothing was restored: restore a newer step (steps: {self.steps()})"
+                ) from exc
+            self.last_restore_report = report
             if not self.read_only and self._group.rank == 0:
                 self._upkeep.rolled_back(step)
             return step

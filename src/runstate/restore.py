@@ -791,20 +791,40 @@ def _stored_names(
 
 def _exclusion(exclude: str | Iterable[str] | None, source: str) -> Callable[[str], bool]:
     """The test ``exclude`` stands for: item names or glob patterns (``"config"``, ``"log_*"``)."""
-    if exclude is None:
-        return lambda _name: False
-    patterns = [exclude] if isinstance(exclude, str) else list(exclude) if isinstance(exclude, Iterable) else None
-    if patterns is None or not all(isinstance(p, str) for p in patterns):
-        raise StateMismatchError(
-            f"{source}: exclude must be a list of item names or glob patterns (e.g. ['config', 'log_*']), "
-            f"got {exclude!r}"
-        )
+    patterns = _exclude_patterns(exclude, source)
 
     def excluded(name: str) -> bool:
         base = re.sub(r"@rank\d+$", "", name)  # a per-rank item's stored copies
         return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
 
     return excluded
+
+
+def _warn_unmatched_exclude(exclude: str | Iterable[str] | None, names: Iterable[str], source: str) -> None:
+    """Log a pattern of ``exclude`` that matches no item: most likely a typo that restores the item."""
+    names = [re.sub(r"@rank\d+$", "", n) for n in names]
+    for pattern in _exclude_patterns(exclude, source):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            logger.warning(
+                "%s: exclude=%r matches no item of the state or the checkpoint (items: %s); "
+                "check its spelling: nothing is left alone because of it",
+                source,
+                pattern,
+                sorted(set(names)),
+            )
+
+
+def _exclude_patterns(exclude: str | Iterable[str] | None, source: str) -> list[str]:
+    """The patterns of ``exclude``, checked."""
+    if exclude is None:
+        return []
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude) if isinstance(exclude, Iterable) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise StateMismatchError(
+            f"{source}: exclude must be a list of item names or glob patterns (e.g. ['config', 'log_*']), "
+            f"got {exclude!r}"
+        )
+    return patterns
 
 
 def plan_restore(
@@ -829,6 +849,7 @@ def plan_restore(
     group = group or SingleProcess()
     plan = _Plan(strict=strict, state=state, rules=_compile_renames(rename, reader.path), source=reader.path)
     excluded = _exclusion(exclude, reader.path)
+    _warn_unmatched_exclude(exclude, [*state, *reader.manifest.items], reader.path)
     left_alone = tuple(k for k in state if excluded(k))
     live = {k: v for k, v in state.items() if k not in left_alone}
     stored_items = reader.manifest.items

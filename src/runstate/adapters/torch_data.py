@@ -132,6 +132,8 @@ class WorkerInit:
             return
         dataset: Any = info.dataset
         carry = _WorkerRNG(dataset)
+        if isinstance(dataset, torch.utils.data.IterableDataset) and carry.own_save is None:
+            return  # a dataset state would stop torchdata from fast-forwarding it: the resume would replay data
         try:
             dataset.state_dict = carry.state_dict
             dataset.load_state_dict = carry.load_state_dict
@@ -172,9 +174,11 @@ class _ExactLoader:
             self.warned = True
             logger.warning(
                 "%s: the random state of this loader's worker processes is not in the checkpoint (they "
-                "were started before runstate saw the loader, or its dataset takes no attributes), so a "
-                "resume from it repeats worker-side augmentation until the next epoch. Fix: call "
-                "mgr.restore(state) (or runstate.torch.exact(loader)) before the first iteration",
+                "were started before runstate saw the loader, its dataset takes no attributes, or it is an "
+                "IterableDataset without state_dict/load_state_dict), so a resume from it repeats "
+                "worker-side augmentation until the next epoch (with persistent workers, to the end). "
+                "Fix: call mgr.restore(state) (or runstate.torch.exact(loader)) before the first "
+                "iteration; give an IterableDataset state_dict/load_state_dict",
                 self.name,
             )
         return state

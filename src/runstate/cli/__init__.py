@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -38,6 +39,10 @@ INTERNAL_ERROR = 3
 
 _DEBUG_HELP = "on an unexpected error, print the Python traceback too"
 
+#: The arguments that are paths: ``~`` is expanded as a shell would, also where no shell did it
+#: (a quoted ``"~/runs/exp"``, ``-o=~/ckpt``), as ``runstate.save`` and ``CheckpointManager`` do.
+_PATH_ARGS = ("dir", "ckpt", "path", "a", "b", "file", "output")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
@@ -60,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name in _PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
     try:
         code: int = args.func(args)
     except runstate.CheckpointError as exc:

@@ -25,6 +25,14 @@ def _gc(args: argparse.Namespace) -> int:
     error = check_run_directory("gc", directory)
     if error is not None:
         return error
+    with runstate.CheckpointManager(directory, read_only=True) as peek:  # takes no lock, writes nothing
+        not_a_run = not peek.steps() and not peek.leftovers() and not peek.abandoned()
+    if not_a_run:  # nothing to remove, and no .lock left behind (runstate gc ~ by mistake)
+        if args.json:
+            print_json({"directory": directory, "dry_run": args.dry_run, "removed": [], "nbytes": 0})
+        else:
+            echo(f"no leftovers in {directory}")
+        return 0
     with runstate.CheckpointManager(directory) as mgr:
         aside = [path for _, path in mgr.abandoned()] if args.abandoned else []
         sizes = {path: tree_size(path) for path in [*mgr.leftovers(), *aside]}

@@ -20,18 +20,32 @@ import importlib.util
 import os
 import pickle
 import re
+import struct
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import runstate
 from runstate.cli._output import echo, fail, guarded, human_bytes
-from runstate.storage import local_path
 
 __all__ = ["register"]
 
 #: The step counters training scripts save, most specific first; ``epoch`` only as a fallback.
 _STEP_KEYS = ("step", "global_step", "iter_num", "iteration", "epoch")
+
+#: What ``torch.load`` raises on bytes that are not a ``torch.save`` file (besides ``UnpicklingError``).
+_NOT_A_TORCH_FILE = (
+    RuntimeError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    ImportError,
+    KeyError,
+    IndexError,
+    struct.error,
+)
 
 #: An output directory named like a checkpoint of a run (``step-1200``, ``step-000000001200``).
 _STEP_DIR = re.compile(r"^step-([0-9]+)\Z")
@@ -84,8 +98,8 @@ def _run_checkpoint(out: str) -> tuple[str, int] | None:
 
 @guarded("import")
 def _import(args: argparse.Namespace) -> int:
-    src: str = local_path(args.file)  # ~ expanded also where no shell did it (-o=~/ckpt, quoted)
-    out: str = local_path(args.output)
+    src: str = os.path.expanduser(args.file)  # ~ expanded also where no shell did it (-o=~/ckpt, quoted)
+    out: str = os.path.expanduser(args.output)
     if not os.path.exists(src):
         return fail("import", f"no such file: {src}")
     if not os.path.isfile(src):
@@ -108,15 +122,18 @@ def _import(args: argparse.Namespace) -> int:
     import torch
 
     try:
-        obj = torch.load(src, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols: the error line says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(src, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         print(
             f"runstate import: refused: {_refusal(src, exc)}; only tensors and plain containers are accepted",
             file=sys.stderr,
         )
         return 1
-    except (RuntimeError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
-        return fail("import", f"cannot read {src} as a torch.save file: {_first_sentence(str(exc))}")
+    except _NOT_A_TORCH_FILE as exc:
+        why = _first_sentence(str(exc)) if not isinstance(exc, KeyError) else ""
+        return fail("import", f"cannot read {src} as a torch.save file: {why or type(exc).__name__}")
     if not isinstance(obj, Mapping):
         return fail(
             "import",

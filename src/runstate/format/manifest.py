@@ -394,7 +394,7 @@ def _check_raw_bytes(entry: TensorEntry) -> None:
         raise ValueError("lib_dtype and lib_shape come together")
     lib_dtype, lib_shape = meta["lib_dtype"], meta["lib_shape"]
     itemsize = _check_lib_dtype(lib_dtype)
-    if not (isinstance(lib_shape, list) and all(type(d) is int and d >= 0 for d in lib_shape)):
+    if not (isinstance(lib_shape, list) and all(type(d) is int and 0 <= d < 2**63 for d in lib_shape)):
         raise ValueError(f"lib_shape {str(lib_shape)[:200]!r} is not a list of sizes")
     nbytes = entry.end - entry.begin
     if entry.dtype != "U8" or entry.shape != (nbytes,):

@@ -61,10 +61,12 @@ def open_store(
         storage_options: options for fsspec (credentials, ``client_kwargs``...); URLs only.
 
     Raises:
-        CheckpointError: ``storage_options`` given with a plain path, or fsspec missing.
+        CheckpointError: ``storage_options`` given with a plain path, an empty path, or fsspec missing.
     """
     if isinstance(location, Store):
         return location
+    if not os.fspath(location):  # "" would write into the working directory but list nothing there
+        raise CheckpointError("the path is empty; give a directory such as 'runs/exp' ('.' for the working directory)")
     if is_url(location):
         from runstate.storage.fsspec_store import FsspecStore
 

@@ -242,7 +242,7 @@ class Store(abc.ABC):
         """``(step, name)`` of every checkpoint set aside with ``tag``, by step."""
         found = []
         for name in self.list_names():
-            m = re.match(r"^step-(\d+)\." + re.escape(tag) + r"-[0-9a-f]{12}$", name)
+            m = re.match(r"^step-([0-9]+)\." + re.escape(tag) + r"-[0-9a-f]{12}\Z", name)
             if m:
                 found.append((int(m.group(1)), name))
         return sorted(found)

@@ -427,7 +427,7 @@ class ObjectLock:
             return None
         try:
             owner = json.loads(raw)
-        except ValueError:  # also invalid UTF-8
+        except (ValueError, RecursionError):  # also invalid UTF-8, or nesting too deep to decode
             return {}
         return owner if isinstance(owner, dict) else {}
 

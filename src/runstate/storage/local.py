@@ -53,7 +53,7 @@ __all__ = [
 LEFTOVER_PREFIXES = (".tmp-", ".del-")
 #: The only names runstate's cleanup removes: ``.tmp-<name>-<12 hex>`` (a save) and
 #: ``.del-<name>-<12 hex>`` (a deletion), always directories.
-LEFTOVER_RE = re.compile(r"^\.(tmp|del)-(.+)-[0-9a-f]{12}$", re.DOTALL)
+LEFTOVER_RE = re.compile(r"^\.(tmp|del)-(.+)-[0-9a-f]{12}\Z", re.DOTALL)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 #: A ``.lock`` larger than this was not written by runstate (its content is one short line).
 _MAX_LOCK_SIZE = 4096
