@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
@@ -310,3 +311,28 @@ def test_iterable_dataset_without_state_in_workers_resumes_at_its_position() -> 
     resumed.load_state_dict(saved)
     tail = [b.flatten().tolist() for b in resumed]
     assert head + tail == ref
+
+
+def test_require_exact_refuses_a_stateful_loader_whose_worker_rng_is_not_captured(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Workers that cannot carry their RNG state (here: an IterableDataset without state_dict)
+    make the resume inexact: a WARNING by default, an error under require_exact=True."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    import runstate
+
+    loader = StatefulDataLoader(_Stream(), batch_size=2, num_workers=2)
+    with runstate.CheckpointManager(tmp_path / "strict", require_exact=True) as mgr:
+        mgr.restore({"loader": loader})
+        it = iter(loader)
+        next(it)
+        with pytest.raises(runstate.UnsupportedTypeError, match=r"loader.*worker processes.*require_exact=True"):
+            mgr.save(1, {"loader": loader})
+        assert mgr.steps() == []
+    with runstate.CheckpointManager(tmp_path / "lenient") as mgr, caplog.at_level(logging.WARNING, "runstate"):
+        mgr.save(1, {"loader": loader})
+        mgr.save(2, {"loader": loader})
+        assert mgr.steps() == [1, 2]
+    assert sum("worker processes is not in the checkpoint" in r.getMessage() for r in caplog.records) == 1
+    del it

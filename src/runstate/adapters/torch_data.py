@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from runstate.adapters.data import HOOK, flag
+from runstate.errors import UnsupportedTypeError
 
 __all__ = ["WorkerInit", "exact", "handle"]
 
@@ -152,6 +153,7 @@ class _ExactLoader:
         self._loader = weakref.ref(loader)
         self.name = name
         self.warned = False
+        self.require_exact = False  # set before each save by handle()
 
     @property
     def loader(self) -> Any:
@@ -170,17 +172,19 @@ class _ExactLoader:
         if callable(getattr(loader.sampler, "set_epoch", None)) and type(epoch) is int:
             extra["sampler_epoch"] = epoch
         state[_EXTRA] = extra
-        if not self.warned and loader.num_workers > 0 and not _workers_carry_rng(state):
-            self.warned = True
-            logger.warning(
-                "%s: the random state of this loader's worker processes is not in the checkpoint (they "
-                "were started before runstate saw the loader, its dataset takes no attributes, or it is an "
-                "IterableDataset without state_dict/load_state_dict), so a resume from it repeats "
+        if (self.require_exact or not self.warned) and loader.num_workers > 0 and not _workers_carry_rng(state):
+            message = (
+                f"{self.name}: the random state of this loader's worker processes is not in the checkpoint "
+                "(they were started before runstate saw the loader, its dataset takes no attributes, or it "
+                "is an IterableDataset without state_dict/load_state_dict), so a resume from it repeats "
                 "worker-side augmentation until the next epoch (with persistent workers, to the end). "
                 "Fix: call mgr.restore(state) (or runstate.torch.exact(loader)) before the first "
-                "iteration; give an IterableDataset state_dict/load_state_dict",
-                self.name,
+                "iteration; give an IterableDataset state_dict/load_state_dict"
             )
+            if self.require_exact:
+                raise UnsupportedTypeError(f"{message}; require_exact=True refuses to save it")
+            self.warned = True
+            logger.warning("%s", message)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -259,6 +263,8 @@ def handle(value: Any, name: str, *, saving: bool, require_exact: bool) -> bool:
     stateful_cls = _stateful_loader_class()
     if stateful_cls is not None and isinstance(value, stateful_cls):
         exact(value, name)
+        if saving:
+            value.__dict__[HOOK].require_exact = require_exact
         return True
     if isinstance(value, torch.utils.data.DataLoader):
         flag(value, name, "torch.utils.data.DataLoader", saving=saving, require_exact=require_exact)
