@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit e2e bench bench-quick clean
+.PHONY: demo test test-fast lint typecheck bench bench-quick clean
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ typecheck: $(STAMP)
 
 test: lint typecheck
 	$(PY) -m pytest -n 2 -q tests
+
+# For iterating: everything but the end-to-end tests that train, kill and resume real processes
+# (marked e2e) and the loader matrix; `make test` runs them all.
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "not e2e" --ignore=tests/test_loader_matrix.py tests
 
 # Speed, memory and scale figures (docs/performance.md): about 5-9 minutes on 2 cores.
 bench: $(STAMP)
