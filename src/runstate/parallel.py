@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,6 +43,7 @@ from runstate.errors import (
     UnsupportedTypeError,
 )
 from runstate.format.manifest import (
+    RANK_SUFFIX,
     Manifest,
     RankInfo,
     item_from_json,
@@ -64,16 +64,13 @@ def _part_name(rank: int) -> str:
     return f"rank-{rank:05d}{_PART_SUFFIX}"
 
 
-_RANK_SUFFIX = re.compile(r"@rank\d+$")
-
-
 def _encode(
     state: Mapping[str, Any], group: Group
 ) -> tuple[dict[str, tuple[dict[str, Any], Encoder]], set[str], str]:
     """This process's items by stored name, which of them are sharded, and the state's layout
     (item names and kinds) that every process must share."""
     for name in state:
-        if _RANK_SUFFIX.search(name):
+        if RANK_SUFFIX.search(name):
             raise UnsupportedTypeError(
                 f"item name {name!r}: names ending in @rank<N> are reserved for per-rank copies; rename the item"
             )

@@ -36,7 +36,7 @@ from runstate.errors import (
     StateMismatchError,
     UnsupportedTypeError,
 )
-from runstate.format.manifest import per_rank_name
+from runstate.format.manifest import item_name, per_rank_name
 from runstate.format.tree import NamedTupleState, StatefulState, format_path
 from runstate.group import Group, SingleProcess, same_everywhere
 from runstate.reader import CheckpointReader
@@ -789,21 +789,20 @@ def _stored_names(
     return names, covered
 
 
-def _exclusion(exclude: str | Iterable[str] | None, source: str) -> Callable[[str], bool]:
+def _exclusion(patterns: Sequence[str]) -> Callable[[str], bool]:
     """The test ``exclude`` stands for: item names or glob patterns (``"config"``, ``"log_*"``)."""
-    patterns = _exclude_patterns(exclude, source)
 
     def excluded(name: str) -> bool:
-        base = re.sub(r"@rank\d+$", "", name)  # a per-rank item's stored copies
+        base = item_name(name)  # a per-rank item's stored copies
         return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
 
     return excluded
 
 
-def _warn_unmatched_exclude(exclude: str | Iterable[str] | None, names: Iterable[str], source: str) -> None:
+def _warn_unmatched_exclude(patterns: Sequence[str], names: Iterable[str], source: str) -> None:
     """Log a pattern of ``exclude`` that matches no item: most likely a typo that restores the item."""
-    names = [re.sub(r"@rank\d+$", "", n) for n in names]
-    for pattern in _exclude_patterns(exclude, source):
+    names = [item_name(n) for n in names]
+    for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             logger.warning(
                 "%s: exclude=%r matches no item of the state or the checkpoint (items: %s); "
@@ -848,8 +847,9 @@ def plan_restore(
     """
     group = group or SingleProcess()
     plan = _Plan(strict=strict, state=state, rules=_compile_renames(rename, reader.path), source=reader.path)
-    excluded = _exclusion(exclude, reader.path)
-    _warn_unmatched_exclude(exclude, [*state, *reader.manifest.items], reader.path)
+    patterns = _exclude_patterns(exclude, reader.path)
+    excluded = _exclusion(patterns)
+    _warn_unmatched_exclude(patterns, [*state, *reader.manifest.items], reader.path)
     left_alone = tuple(k for k in state if excluded(k))
     live = {k: v for k, v in state.items() if k not in left_alone}
     stored_items = reader.manifest.items

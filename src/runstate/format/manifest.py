@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,6 +217,14 @@ class RankInfo:
 def per_rank_name(item: str, rank: int) -> str:
     """The stored name of rank ``rank``'s copy of a per-rank item."""
     return f"{item}@rank{rank}"
+
+
+RANK_SUFFIX = re.compile(r"@rank\d+$")
+
+
+def item_name(stored: str) -> str:
+    """The item a stored name belongs to: ``x`` for ``x@rank<r>`` (the inverse of :func:`per_rank_name`)."""
+    return RANK_SUFFIX.sub("", stored)
 
 
 @dataclass(frozen=True)
