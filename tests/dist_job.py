@@ -121,7 +121,7 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _kill_during_write(rank: int) -> None:
     """SIGKILL this process inside its next tensor-file write (after some bytes are on disk)."""
-    from runstate import checkpoint
+    from runstate._impl import checkpoint
 
     real = checkpoint.write_safetensors
 
@@ -136,12 +136,12 @@ def _kill_during_write(rank: int) -> None:
 
 def _kill_before_commit() -> None:
     """SIGKILL rank 0 once every rank's files are durable, just before it commits."""
-    import runstate.parallel
+    import runstate._impl.parallel
 
     def dying(*a: Any, **k: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    runstate.parallel._commit = dying  # type: ignore[assignment]
+    runstate._impl.parallel._commit = dying  # type: ignore[assignment]
 
 
 def fsdp_model(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -256,7 +256,7 @@ def edge(rank: int, world: int, args: argparse.Namespace) -> None:
         model, opt = plain_model()
         state = {"model": model, "rng": runstate.RNG()}
         if rank == 1:
-            from runstate import checkpoint
+            from runstate._impl import checkpoint
 
             def failing(*a: Any, **k: Any) -> Any:
                 raise MemoryError("simulated: no memory for a host copy")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import runstate
-from runstate.checkpoint import WrittenItems, build_manifest, prepare, write_items
+from runstate._impl.checkpoint import WrittenItems, build_manifest, prepare, write_items
 from runstate.storage import Store, open_store
 
 

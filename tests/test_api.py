@@ -285,7 +285,7 @@ def test_edited_manifest_is_detected(tmp_path: Path) -> None:
 
 
 def test_sharded_item_round_trips(tmp_path: Path) -> None:
-    from runstate.checkpoint import prepare, write_checkpoint
+    from runstate._impl.checkpoint import prepare, write_checkpoint
 
     tensors = {f"w{i}": torch.full((1000,), float(i)) for i in range(5)}
     (tmp_path / "ck").mkdir()
@@ -306,7 +306,7 @@ def test_conjugate_and_negative_views_are_resolved(tmp_path: Path) -> None:
 
 
 def test_shard_names_never_collide_with_other_items(tmp_path: Path) -> None:
-    from runstate.checkpoint import prepare, write_checkpoint
+    from runstate._impl.checkpoint import prepare, write_checkpoint
 
     state = {"a": {"x": torch.zeros(100), "y": torch.ones(100)}, "a-00001-of-00002": torch.full((3,), 2.0)}
     (tmp_path / "ck").mkdir()

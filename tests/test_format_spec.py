@@ -366,7 +366,7 @@ def test_tensor_names_and_file_names(tmp_path: Path) -> None:
 
 
 def test_sharded_item(tmp_path: Path) -> None:
-    from runstate.checkpoint import prepare, write_checkpoint
+    from runstate._impl.checkpoint import prepare, write_checkpoint
     from runstate.storage.local import commit_directory
 
     arrays = {"x": np.arange(10.0), "y": np.arange(10.0) + 1, "z": np.arange(30.0)}

@@ -36,9 +36,9 @@ from safetensors.numpy import load_file
 from torch import nn
 
 import runstate
+from runstate._impl.reader import CheckpointReader
 from runstate.format.depth import MAX_TREE_DEPTH
 from runstate.policies import Retention
-from runstate.reader import CheckpointReader
 from runstate.storage.local import LocalStore
 from tests.test_untrusted import rewrite
 

@@ -22,8 +22,8 @@ import pytest
 
 import runstate
 import runstate.manager as manager_module
+from runstate._impl.reader import CheckpointReader
 from runstate.cli import run as run_cli
-from runstate.reader import CheckpointReader
 from tests.test_exact_resume import assert_exact, reference  # noqa: F401 - the fixture is used by name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,7 +310,7 @@ def test_a_step_deleted_by_the_writer_while_a_reader_restores_it_is_not_called_d
 ) -> None:
     """restore(state, step=1) in a reader while the writer's keep_last=1 deletes step 1: the step
     is gone, not damaged (it raised CorruptCheckpointError: manifest.json is missing)."""
-    import runstate.run_restore as run_restore
+    import runstate._impl.run_restore as run_restore
 
     writer = runstate.CheckpointManager(tmp_path, keep_last=1)
     writer.save(1, {"w": np.full(64, 1.0)})

@@ -9,9 +9,10 @@ imports torch only at that moment.
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from runstate._impl.checkpoint import CheckpointInfo
+from runstate._impl.restore import Mismatch, RestoreReport
 from runstate._version import __version__
 from runstate.api import load, save
-from runstate.checkpoint import CheckpointInfo
 from runstate.distributed import PerRank
 from runstate.errors import (
     AsyncSaveError,
@@ -30,7 +31,6 @@ from runstate.errors import (
 from runstate.inspect import CheckpointContents, ItemContents, ObjectSummary, TensorSummary, inspect
 from runstate.manager import CheckpointManager
 from runstate.registry import Registry, register, registry
-from runstate.restore import Mismatch, RestoreReport
 from runstate.rng import RNG
 from runstate.stateful import Stateful
 from runstate.verify import Problem, VerifyReport, verify

@@ -6,19 +6,19 @@ import os
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
-from runstate.adapters import prepare_loaders
-from runstate.checkpoint import (
+from runstate._impl.checkpoint import (
     CheckpointInfo,
     prepare,
     validate_state,
     validate_step,
     write_checkpoint,
 )
+from runstate._impl.group import current_group
+from runstate._impl.parallel import save_together
+from runstate._impl.reader import CheckpointReader
+from runstate._impl.restore import plain, restore_state
+from runstate.adapters import prepare_loaders
 from runstate.errors import CheckpointWriteError
-from runstate.group import current_group
-from runstate.parallel import save_together
-from runstate.reader import CheckpointReader
-from runstate.restore import plain, restore_state
 from runstate.storage import is_url, local_path, open_store
 from runstate.storage.local import commit_directory
 

@@ -16,12 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from runstate._impl.reader import read_manifest_bytes
+from runstate._impl.restore import plain
 from runstate.errors import CorruptCheckpointError
 from runstate.format.depth import stack_room
 from runstate.format.manifest import MANIFEST_NAME, Manifest, TensorEntry
 from runstate.format.tree import Decoder
-from runstate.reader import read_manifest_bytes
-from runstate.restore import plain
 from runstate.storage import Store, open_store
 
 __all__ = ["CheckpointContents", "ItemContents", "ObjectSummary", "TensorSummary", "inspect"]

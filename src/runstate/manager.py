@@ -25,9 +25,8 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from runstate.adapters import prepare_loaders
-from runstate.background import BackgroundSaver
-from runstate.checkpoint import (
+from runstate._impl.background import BackgroundSaver
+from runstate._impl.checkpoint import (
     CheckpointInfo,
     PreparedState,
     prepare,
@@ -35,6 +34,15 @@ from runstate.checkpoint import (
     validate_step,
     write_checkpoint,
 )
+from runstate._impl.group import current_group, raise_together
+from runstate._impl.housekeeping import RunHousekeeping
+from runstate._impl.parallel import save_together
+from runstate._impl.reader import CheckpointReader
+from runstate._impl.restore import RestoreReport
+from runstate._impl.run_restore import RunRestorer
+from runstate._impl.signals import subscribe, unsubscribe
+from runstate._impl.snapshot import SnapshotPool
+from runstate.adapters import prepare_loaders
 from runstate.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -43,15 +51,7 @@ from runstate.errors import (
     CorruptCheckpointError,
     LockError,
 )
-from runstate.group import current_group, raise_together
-from runstate.housekeeping import RunHousekeeping
-from runstate.parallel import save_together
 from runstate.policies import Retention, SaveCadence
-from runstate.reader import CheckpointReader
-from runstate.restore import RestoreReport
-from runstate.run_restore import RunRestorer
-from runstate.signals import subscribe, unsubscribe
-from runstate.snapshot import SnapshotPool
 from runstate.storage import Staging, Store, open_store, step_dirname
 from runstate.verify import verify_reader
 
@@ -433,7 +433,7 @@ class CheckpointManager:
         return True
 
     def _save_together(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None, verify: bool) -> None:
-        """Save from every process of the group (rank 0 commits; see :mod:`runstate.parallel`)."""
+        """Save from every process of the group (rank 0 commits; see :mod:`runstate._impl.parallel`)."""
 
         def start() -> None:  # on rank 0 only
             self._upkeep.claim(step)

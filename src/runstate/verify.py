@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from runstate._impl.reader import CheckpointReader
 from runstate.errors import CheckpointError, CheckpointReadError, CorruptCheckpointError
 from runstate.format.manifest import MANIFEST_NAME
 from runstate.format.tree import Decoder
-from runstate.reader import CheckpointReader
 from runstate.storage import open_store
 
 __all__ = ["Problem", "VerifyReport", "verify", "verify_reader"]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import runstate
-import runstate.checkpoint as checkpoint_module
+import runstate._impl.checkpoint as checkpoint_module
 from tests.conftest import s3_options
 
 

@@ -1,4 +1,4 @@
-"""torch.distributed support: the process group as a :class:`~runstate.group.Group`, and
+"""torch.distributed support: the process group as a :class:`~runstate._impl.group.Group`, and
 sharded tensors (``DTensor``, as FSDP2's ``fully_shard`` makes them) read back through
 ``torch.distributed.checkpoint``.
 
@@ -42,7 +42,7 @@ __all__ = ["ChunkReader", "TorchGroup", "preload_sharded"]
 
 
 class TorchGroup:
-    """A :class:`~runstate.group.Group` over a ``torch.distributed`` process group.
+    """A :class:`~runstate._impl.group.Group` over a ``torch.distributed`` process group.
 
     Args:
         process_group: the group (None: the default one).

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from runstate.checkpoint import PreparedState
+from runstate._impl.checkpoint import PreparedState
 
 __all__ = ["SnapshotPool"]
 

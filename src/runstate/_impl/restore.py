@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from runstate._impl.group import Group, SingleProcess, same_everywhere
+from runstate._impl.reader import CheckpointReader
 from runstate.adapters import find_codec, object_codecs
 from runstate.distributed import PerRank, is_per_rank, on_resize, unwrap
 from runstate.errors import (
@@ -38,8 +40,6 @@ from runstate.errors import (
 )
 from runstate.format.manifest import item_name, per_rank_name
 from runstate.format.tree import NamedTupleState, StatefulState, format_path
-from runstate.group import Group, SingleProcess, same_everywhere
-from runstate.reader import CheckpointReader
 from runstate.registry import Registration, registry
 from runstate.stateful import is_stateful
 

@@ -27,8 +27,8 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 
+from runstate._impl.checkpoint import CheckpointInfo
 from runstate.adapters import codec_for_lib, object_codecs
-from runstate.checkpoint import CheckpointInfo
 from runstate.errors import CheckpointNotFoundError, CheckpointReadError, CorruptCheckpointError, UnsupportedTypeError
 from runstate.format.depth import stack_room
 from runstate.format.manifest import MANIFEST_NAME, ChunkedTensor, Manifest, TensorEntry

@@ -20,9 +20,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from runstate._impl.reader import CheckpointReader
 from runstate.errors import CheckpointError, CheckpointWriteError, StepExistsError
 from runstate.policies import Retention
-from runstate.reader import CheckpointReader
 from runstate.storage import Lock, Store, step_dirname
 
 __all__ = ["ABANDONED", "RunHousekeeping"]

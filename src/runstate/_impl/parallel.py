@@ -1,6 +1,6 @@
 """Saving one checkpoint from several processes (see :mod:`runstate.distributed`).
 
-The protocol, with every step agreed through the :class:`~runstate.group.Group`:
+The protocol, with every step agreed through the :class:`~runstate._impl.group.Group`:
 
 1. Every process encodes its items; if any process cannot, all raise and nothing is written.
 2. Rank 0 starts the checkpoint (``Store.begin``: a hidden temporary directory, or the step
@@ -23,7 +23,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from runstate.checkpoint import (
+from runstate._impl.checkpoint import (
     DEFAULT_SHARD_BYTES,
     FilePlan,
     _file_names,
@@ -33,6 +33,7 @@ from runstate.checkpoint import (
     encode_state,
     write_files,
 )
+from runstate._impl.group import Group, same_everywhere
 from runstate.distributed import is_per_rank
 from runstate.errors import (
     CheckpointError,
@@ -52,7 +53,6 @@ from runstate.format.manifest import (
 from runstate.format.safetensors_io import file_metadata
 from runstate.format.tensors import TensorBlob
 from runstate.format.tree import Encoder
-from runstate.group import Group, same_everywhere
 from runstate.storage.base import Staging, Store
 
 __all__ = ["save_together"]

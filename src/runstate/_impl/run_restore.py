@@ -14,11 +14,11 @@ import logging
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
+from runstate._impl.group import Group
+from runstate._impl.reader import CheckpointReader
+from runstate._impl.restore import RestoreReport, restore_state
 from runstate.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from runstate.format.manifest import MANIFEST_NAME
-from runstate.group import Group
-from runstate.reader import CheckpointReader
-from runstate.restore import RestoreReport, restore_state
 from runstate.storage import Store, step_dirname
 
 __all__ = ["RunRestorer"]
