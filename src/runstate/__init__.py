@@ -16,6 +16,7 @@ from runstate.api import load, save
 from runstate.distributed import PerRank
 from runstate.errors import (
     AsyncSaveError,
+    CheckpointConfigError,
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointReadError,
@@ -46,6 +47,7 @@ _FRAMEWORK_SUBPACKAGES = ("keras", "torch")
 __all__ = [
     "RNG",
     "AsyncSaveError",
+    "CheckpointConfigError",
     "CheckpointContents",
     "CheckpointError",
     "CheckpointInfo",

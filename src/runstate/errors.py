@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "AsyncSaveError",
+    "CheckpointConfigError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointReadError",
@@ -26,6 +27,12 @@ __all__ = [
 
 class CheckpointError(Exception):
     """Root of every error raised by runstate."""
+
+
+class CheckpointConfigError(CheckpointError, ValueError):
+    """An option passed to runstate is invalid (a bad ``keep_last``, ``rename`` rule, ``exclude``
+    pattern, ``best_mode``...): nothing was read or written. The message names the option and
+    the values it accepts."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -98,7 +105,11 @@ class CheckpointReadError(CheckpointError, OSError):
 
 
 class CheckpointWriteError(CheckpointError, OSError):
-    """Writing a checkpoint failed (disk full, I/O error, permissions); nothing was committed."""
+    """Writing a checkpoint failed (disk full, I/O error, permissions); nothing was committed.
+
+    Raised as ``CheckpointWriteError(exc.errno, message)`` when an ``OSError`` caused it (its
+    ``errno`` is kept), and as ``CheckpointWriteError(message)`` (``errno`` None) otherwise.
+    """
 
 
 class AsyncSaveError(CheckpointError, RuntimeError):
