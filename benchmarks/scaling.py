@@ -3,7 +3,7 @@
 No processes are started: the parts that N ranks would hand to rank 0 are built synthetically
 (T sharded tensors, each split in N row blocks, plus per-rank RNG items), then rank 0's merge,
 the manifest's size and the time to parse and validate it are measured, exactly as
-``runstate._impl.parallel`` and ``CheckpointReader`` do them.
+``runstate._impl.parts`` and ``CheckpointReader`` do them.
 
     python benchmarks/scaling.py [--tensors 200] [--ranks 2 8 64 256 1024]
 """
@@ -14,8 +14,8 @@ import argparse
 import time
 from typing import Any
 
-from runstate._impl.parallel import _merge
-from runstate.format.manifest import Manifest, RankInfo, item_from_json, per_rank_name
+from runstate._impl.parts import merge
+from runstate.format.manifest import Manifest, RankInfo, per_rank_name
 
 
 def parts_for(ranks: int, tensors: int, rows: int = 4096, cols: int = 1024) -> list[dict[str, Any]]:
@@ -76,14 +76,14 @@ def main() -> None:
 
         part_bytes = len(json.dumps(parts[-1]))
         started = time.perf_counter()
-        items, files = _merge(parts, "bench")
+        items, files = merge(parts, "bench")  # the items are validated (blocks tile their tensors) here
         merge_s = time.perf_counter() - started
         manifest = Manifest(
             step=1,
             created="2026-11-28T00:00:00+00:00",
             metrics={"t": "dict", "v": []},
             versions={"runstate": "bench"},
-            items={name: item_from_json(it) for name, it in items.items()},
+            items=items,
             files=files,
             ranks=RankInfo(ranks, ("rng",)),
         )

@@ -78,6 +78,8 @@ class Conformance:
     kill_at: ClassVar[int] = 0
     #: seconds a job may take
     job_timeout: ClassVar[int] = 300
+    #: the name of the adapter (``runstate.adapters``) the family's values go through
+    adapter: ClassVar[str] = "numpy"
 
     # -- hooks ---------------------------------------------------------------------------
     def make_state(self, seed: int) -> dict[str, Any]:
@@ -113,6 +115,30 @@ class Conformance:
         runstate.load(tmp_path / "ck", target)
         assert same_values(self.values(saved), self.values(target)) == []
         assert structure(target) == structure(saved)
+
+    def test_the_round_trip_goes_through_the_family_adapter(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from runstate import adapters
+
+        saved = self.make_state(0)
+        active = {a.name: a for a in adapters.active_adapters()}
+        assert self.adapter in active, f"the {self.adapter} adapter is not active: {sorted(active)}"
+        inner = active[self.adapter]
+        module = next(m for m, a in adapters._loaded.items() if a is inner)
+        calls: set[str] = set()
+
+        class Counting:  # the family's adapter, noting which of its methods the core calls
+            def __getattr__(self, name: str) -> Any:
+                attr = getattr(inner, name)
+                if not callable(attr):
+                    return attr
+                return lambda *a, **k: (calls.add(name), attr(*a, **k))[1]
+
+        monkeypatch.setitem(adapters._loaded, module, Counting())
+        runstate.save(tmp_path / "ck", saved)
+        runstate.load(tmp_path / "ck", self.make_state(1))
+        assert {"tensor_codec", "item_extras", "versions", "place_like"} <= calls, sorted(calls)
 
     def test_training_continues_identically_after_restore(self, tmp_path: Path) -> None:
         saved = self.make_state(0)

@@ -121,9 +121,9 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _kill_during_write(rank: int) -> None:
     """SIGKILL this process inside its next tensor-file write (after some bytes are on disk)."""
-    from runstate._impl import checkpoint
+    from runstate._impl import parts
 
-    real = checkpoint.write_safetensors
+    real = parts.write_safetensors
 
     def dying(f: Any, *a: Any, **k: Any) -> Any:
         f.write(b"partial")
@@ -131,17 +131,17 @@ def _kill_during_write(rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
         return real(f, *a, **k)
 
-    checkpoint.write_safetensors = dying  # type: ignore[assignment]
+    parts.write_safetensors = dying  # type: ignore[assignment]
 
 
 def _kill_before_commit() -> None:
     """SIGKILL rank 0 once every rank's files are durable, just before it commits."""
-    import runstate._impl.parallel
+    import runstate._impl.pipeline
 
     def dying(*a: Any, **k: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    runstate._impl.parallel._commit = dying  # type: ignore[assignment]
+    runstate._impl.pipeline._commit = dying  # type: ignore[assignment]
 
 
 def fsdp_model(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -256,12 +256,12 @@ def edge(rank: int, world: int, args: argparse.Namespace) -> None:
         model, opt = plain_model()
         state = {"model": model, "rng": runstate.RNG()}
         if rank == 1:
-            from runstate._impl import checkpoint
+            from runstate._impl import parts
 
             def failing(*a: Any, **k: Any) -> Any:
                 raise MemoryError("simulated: no memory for a host copy")
 
-            checkpoint.write_safetensors = failing  # type: ignore[assignment]
+            parts.write_safetensors = failing  # type: ignore[assignment]
         with runstate.CheckpointManager(run) as mgr:
             result["save"] = _outcome(lambda: mgr.save(1, state))
             dist.barrier()

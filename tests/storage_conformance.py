@@ -15,8 +15,12 @@ import numpy as np
 import pytest
 
 import runstate
-from runstate._impl.checkpoint import WrittenItems, build_manifest, prepare, write_items
+from runstate._impl.group import SingleProcess
+from runstate._impl.parts import merge, write_part
+from runstate._impl.pipeline import capture
+from runstate.format.manifest import Manifest
 from runstate.storage import Store, open_store
+from tests.store_conformance import StoreConformance
 
 
 @dataclass
@@ -58,8 +62,8 @@ def assert_state(got: Mapping[str, Any], step: int) -> None:
             np.testing.assert_array_equal(got[item][key], value)
 
 
-class StorageConformance:
-    """Backend-independent tests of the commit protocol."""
+class StorageConformance(StoreConformance):
+    """Backend-independent tests of the commit protocol (and, inherited, of what a Store says about its entries)."""
 
     def test_nothing_is_visible_before_commit_and_everything_after(self, backend: Backend) -> None:
         store = backend.store()
@@ -152,19 +156,19 @@ class StorageConformance:
 
     def test_attached_writers_land_in_the_same_checkpoint(self, backend: Backend) -> None:
         state = make_state(11)
-        prepared = prepare(state, {"loss": 0.5})
+        captured = capture(state, {"loss": 0.5}, SingleProcess())
         staging = backend.store().begin(11)
         other = backend.store().attach(staging.location)  # as another process would
         assert other.location == staging.location
-        written = write_items(staging, prepared, items=["model", "step"])
-        written_elsewhere = write_items(other, prepared, items=["optimizer"])
+        mine = {name: item for name, item in captured.items.items() if name in ("model", "step")}
+        written = write_part(staging, mine, frozenset(), rank=0, publish=False)
+        written_elsewhere = write_part(other, {"optimizer": captured.items["optimizer"]}, frozenset(), rank=1, publish=True)
         with pytest.raises(runstate.CheckpointError, match="cannot commit"):
             other.commit(b"{}")
         assert backend.store().list_committed() == {}
-        merged = WrittenItems()
-        merged.update(written)
-        merged.update(written_elsewhere)
-        staging.commit(build_manifest(prepared, merged, step=11).to_json_bytes())
+        items, files = merge([written, written_elsewhere], staging.final)
+        manifest = Manifest(11, "2026-11-30T00:00:00+00:00", captured.metrics_node, {"runstate": "test"}, items, files)
+        staging.commit(manifest.to_json_bytes())
         with backend.manager() as mgr:
             assert mgr.steps() == [11]
             assert mgr.info(11).metrics == {"loss": 0.5}

@@ -285,11 +285,14 @@ def test_edited_manifest_is_detected(tmp_path: Path) -> None:
 
 
 def test_sharded_item_round_trips(tmp_path: Path) -> None:
-    from runstate._impl.checkpoint import prepare, write_checkpoint
+    from runstate._impl.group import SingleProcess
+    from runstate._impl.pipeline import capture, save_checkpoint
+    from runstate.storage import open_store
 
     tensors = {f"w{i}": torch.full((1000,), float(i)) for i in range(5)}
-    (tmp_path / "ck").mkdir()
-    write_checkpoint(str(tmp_path / "ck"), prepare({"model": tensors}, None), step=1, shard_bytes=8000)
+    one = SingleProcess()
+    captured = capture({"model": tensors}, None, one)
+    save_checkpoint(open_store(tmp_path), "ck", captured, group=one, step=1, shard_bytes=8000)
     names = sorted(os.listdir(tmp_path / "ck"))
     assert names[:3] == ["manifest.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"]
     got = runstate.load(tmp_path / "ck")["model"]
@@ -306,11 +309,14 @@ def test_conjugate_and_negative_views_are_resolved(tmp_path: Path) -> None:
 
 
 def test_shard_names_never_collide_with_other_items(tmp_path: Path) -> None:
-    from runstate._impl.checkpoint import prepare, write_checkpoint
+    from runstate._impl.group import SingleProcess
+    from runstate._impl.pipeline import capture, save_checkpoint
+    from runstate.storage import open_store
 
     state = {"a": {"x": torch.zeros(100), "y": torch.ones(100)}, "a-00001-of-00002": torch.full((3,), 2.0)}
-    (tmp_path / "ck").mkdir()
-    write_checkpoint(str(tmp_path / "ck"), prepare(state, None), step=None, shard_bytes=400)
+    one = SingleProcess()
+    captured = capture(state, None, one)
+    save_checkpoint(open_store(tmp_path), "ck", captured, group=one, step=None, shard_bytes=400)
     got = runstate.load(tmp_path / "ck")
     assert torch.equal(got["a"]["y"], torch.ones(100)) and torch.equal(got["a-00001-of-00002"], torch.full((3,), 2.0))
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import runstate
-import runstate.manager as manager_module
+import runstate._impl.parts as parts_module
 from tests.test_exact_resume import assert_exact, losses, reference, run_job  # noqa: F401
 
 
@@ -37,13 +37,13 @@ def test_values_changed_after_save_returns_do_not_leak(tmp_path: Path) -> None:
 
 
 def test_one_save_in_flight_and_the_next_save_waits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = manager_module.write_checkpoint
+    real = parts_module.write_part
 
     def slow(*args, **kwargs):
         time.sleep(0.5)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(manager_module, "write_checkpoint", slow)
+    monkeypatch.setattr(parts_module, "write_part", slow)
     with runstate.CheckpointManager(tmp_path, async_save=True, keep_last=None) as mgr:
         t0 = time.monotonic()
         mgr.save(1, big_state())
@@ -62,7 +62,7 @@ def test_a_background_failure_is_raised_by_the_next_call(tmp_path: Path, monkeyp
     mgr.save(1, big_state())
     mgr.wait()
 
-    real, calls = manager_module.write_checkpoint, []
+    real, calls = parts_module.write_part, []
 
     def full_disk_once(*args, **kwargs):
         calls.append(1)
@@ -70,7 +70,7 @@ def test_a_background_failure_is_raised_by_the_next_call(tmp_path: Path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(manager_module, "write_checkpoint", full_disk_once)
+    monkeypatch.setattr(parts_module, "write_part", full_disk_once)
     assert mgr.save(2, big_state()) is True  # the failure happens in the background
     with pytest.raises(runstate.AsyncSaveError) as err:
         if reported_by == "save":
@@ -97,13 +97,13 @@ def test_snapshot_memory_does_not_grow_over_50_saves(tmp_path: Path) -> None:
         for step in range(5):
             mgr.save(step, state)
         mgr.wait()
-        pool, base = mgr._pool.nbytes, rss()
+        pool, base = mgr._saver.pool.nbytes, rss()
         for step in range(5, 55):
             for t in state["w"].values():
                 t.fill_(float(step))
             mgr.save(step, state)
         mgr.wait()
-        assert mgr._pool.nbytes == pool == 8 * 256 * 1024 * 4
+        assert mgr._saver.pool.nbytes == pool == 8 * 256 * 1024 * 4
         assert rss() - base < 16 * 2**20
     got = runstate.load(tmp_path / "step-000000000054")
     assert all(torch.equal(t, torch.full((256, 1024), 54.0)) for t in got["w"].values())

@@ -265,7 +265,7 @@ def test_per_rank_in_one_process_saves_and_restores_the_value(tmp_path: Path) ->
     live = runstate.PerRank({"seen": 0})
     runstate.load(tmp_path / "c", {"counter": live})
     assert live.value == {"seen": 3}
-    with pytest.raises(runstate.UnsupportedTypeError, match="on_resize"):
+    with pytest.raises(runstate.CheckpointConfigError, match="on_resize"):
         runstate.PerRank(1, on_resize="average")
 
 

@@ -24,7 +24,7 @@ import runstate
 ROOT = Path(__file__).resolve().parents[1]
 # One intra-op thread: on a busy machine two threads of a tiny model mostly wait for each other.
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-FRAMEWORKS = {"torch", "keras", "jax", "tensorflow", "flax", "optax", "numpy"}
+FRAMEWORKS = {"torch", "keras", "jax", "tensorflow", "flax", "optax", "numpy", "lightning", "hf"}
 
 
 def readme_section(title: str) -> str:
@@ -44,7 +44,7 @@ def test_framework_subpackages_resolve_on_attribute_access() -> None:
         """
         import sys
         import runstate
-        heavy = {"torch", "keras", "tensorflow", "jax", "torchdata"} & set(sys.modules)
+        heavy = {"torch", "keras", "tensorflow", "jax", "torchdata", "lightning"} & set(sys.modules)
         assert not heavy, f"import runstate imported {sorted(heavy)}"
         assert {"torch", "keras"} <= set(dir(runstate)), dir(runstate)
         assert not hasattr(runstate, "no_such_thing")

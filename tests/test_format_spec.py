@@ -366,12 +366,13 @@ def test_tensor_names_and_file_names(tmp_path: Path) -> None:
 
 
 def test_sharded_item(tmp_path: Path) -> None:
-    from runstate._impl.checkpoint import prepare, write_checkpoint
-    from runstate.storage.local import commit_directory
+    from runstate._impl.group import SingleProcess
+    from runstate._impl.pipeline import capture, save_checkpoint
+    from runstate.storage import open_store
 
     arrays = {"x": np.arange(10.0), "y": np.arange(10.0) + 1, "z": np.arange(30.0)}
-    with commit_directory(str(tmp_path / "ckpt")) as tmp:
-        write_checkpoint(tmp, prepare({"a": arrays}, None), step=1, shard_bytes=160)
+    one = SingleProcess()
+    save_checkpoint(open_store(tmp_path), "ckpt", capture({"a": arrays}, None, one), group=one, step=1, shard_bytes=160)
     manifest, got = read_checkpoint(tmp_path / "ckpt")
     files = {k: e["file"] for k, e in manifest["items"]["a"]["tensors"].items()}
     assert files == {"x": "a-00001-of-00002.safetensors", "y": "a-00001-of-00002.safetensors",

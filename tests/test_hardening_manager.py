@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import runstate
-import runstate.manager as manager_module
+import runstate._impl.parts as parts_module
+import runstate._impl.run_dir as run_dir_module
 from runstate._impl.reader import CheckpointReader
 from runstate.cli import run as run_cli
 from tests.test_exact_resume import assert_exact, reference  # noqa: F401 - the fixture is used by name
@@ -104,15 +105,15 @@ def test_a_handler_installed_before_comes_back_after_both_close(tmp_path: Path) 
 # -- 13.19: a failed async save in a process that exits without close() ---------------------------
 
 EXIT_WITHOUT_CLOSE = """
-    import errno, sys, numpy as np, runstate, runstate.manager as m
-    real = m.write_checkpoint
+    import errno, sys, numpy as np, runstate, runstate._impl.parts as m
+    real = m.write_part
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     mgr = runstate.CheckpointManager(sys.argv[1], async_save=True)
     mgr.save(1, {"w": np.ones(4)})
     mgr.wait()
     if sys.argv[2] == "fail":
-        m.write_checkpoint = full_disk
+        m.write_part = full_disk
     mgr.save(2, {"w": np.ones(4)})
     print("end of script", flush=True)
 """
@@ -136,7 +137,7 @@ def test_a_failed_async_save_is_reported_at_exit(tmp_path: Path, outcome: str) -
 
 
 def test_clean_never_touches_the_save_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = manager_module.write_checkpoint
+    real = parts_module.write_part
     writing, go_on = threading.Event(), threading.Event()
 
     def slow(staging, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -146,7 +147,7 @@ def test_clean_never_touches_the_save_in_flight(tmp_path: Path, monkeypatch: pyt
         go_on.wait(30)
         return real(staging, *args, **kwargs)
 
-    monkeypatch.setattr(manager_module, "write_checkpoint", slow)
+    monkeypatch.setattr(parts_module, "write_part", slow)
     state = {"w": np.arange(1000.0)}
     with runstate.CheckpointManager(tmp_path, async_save=True) as mgr:
         mgr.save(1, state)
@@ -290,7 +291,7 @@ def test_latest_step_verified_lists_again_when_the_writer_deletes_the_step_being
     writer = runstate.CheckpointManager(tmp_path, keep_last=1)
     writer.save(1, {"w": np.full(64, 1.0)})
     reader = runstate.CheckpointManager(tmp_path, read_only=True)
-    verify_reader = manager_module.verify_reader
+    verify_reader = run_dir_module.verify_reader
     checked: list[int] = []
 
     def save_meanwhile(checkpoint: CheckpointReader) -> runstate.VerifyReport:
@@ -299,7 +300,7 @@ def test_latest_step_verified_lists_again_when_the_writer_deletes_the_step_being
             writer.save(2, {"w": np.full(64, 2.0)})  # retention deletes step 1 under the reader
         return verify_reader(checkpoint)
 
-    monkeypatch.setattr(manager_module, "verify_reader", save_meanwhile)
+    monkeypatch.setattr(run_dir_module, "verify_reader", save_meanwhile)
     assert reader.latest_step(verified=True) == 2
     assert checked == [1, 2]
     writer.close()

@@ -374,7 +374,7 @@ def test_exclude_keeps_the_live_config(tmp_path: Path) -> None:
         assert mgr.restore(state, exclude=["config"]) == 5
         assert state["config"] is kept and kept == {"lr": 0.3}
         assert mgr.last_restore_report is not None and mgr.last_restore_report.excluded == ("config",)
-    with pytest.raises(runstate.StateMismatchError, match="exclude must be a list of item names"):
+    with pytest.raises(runstate.CheckpointConfigError, match="exclude must be a list of item names"):
         runstate.load(tmp_path / "ck", {"model": nn.Linear(2, 2)}, exclude=[1])  # type: ignore[list-item]
 
 

@@ -34,6 +34,7 @@ def _job() -> Any:
 
 
 class TestJaxConformance(Conformance):
+    adapter = "jax"
     in_place_items = ()  # jax values are immutable: every item is replaced
     negative_resume = "fresh_optimizer"
     save_every = 4

@@ -58,6 +58,7 @@ def batch(step: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class TestKerasConformance(Conformance):
+    adapter = "keras"
     in_place_items = ("keras",)
     negative_resume = "fresh_optimizer"
     save_every = keras_job.SAVE_EVERY

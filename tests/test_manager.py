@@ -235,3 +235,68 @@ def test_sigkill_during_saves_never_exposes_a_partial_checkpoint(tmp_path: Path)
                 got = runstate.load(mgr.path(step))
                 assert got["step"] == step
                 assert all(torch.equal(t, torch.full((64, 1024), float(step))) for t in got["w"].values())
+
+
+# -- issue 16: policy objects, one config error type, RestoreResult ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"keep_last": -1}, "keep_last must be a positive int"),
+        ({"keep_last": "3"}, "keep_last must be a positive int"),
+        ({"keep_every": 2.0}, "keep_every must be a positive int"),
+        ({"keep_best": 1, "best_metric": 3}, "best_metric must be a metric name"),
+        ({"best_mode": "x"}, "best_mode must be 'min' or 'max'"),
+        ({"save_every_steps": 0}, "save_every_steps must be a positive int"),
+        ({"save_every_seconds": float("nan")}, "save_every_seconds must be a positive float"),
+        ({"save_on_signals": "SIGTERM"}, "save_on_signals must be a sequence of signal numbers"),
+        ({"save_on_signals": (signal.SIGKILL,)}, "not a signal a handler can be installed for"),
+        ({"save_on_signals": (0,)}, "not a signal a handler can be installed for"),
+        ({"retention": 3}, "retention must be a runstate.Retention"),
+        ({"cadence": {"every_steps": 5}}, "cadence must be a runstate.SaveCadence"),
+        ({"retention": runstate.Retention(keep_last=2), "keep_last": 3}, "keep_last both set the retention"),
+        ({"cadence": runstate.SaveCadence(every_steps=5), "save_every_seconds": 60.0}, "save_every_seconds both set"),
+        ({"read_only": True, "async_save": True}, "read_only=True cannot be combined"),
+    ],
+)
+def test_every_bad_option_raises_checkpoint_config_error_before_touching_the_run(
+    tmp_path: Path, kwargs: dict, match: str
+) -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(runstate.CheckpointConfigError, match=match):
+        CheckpointManager(tmp_path / "run", **kwargs)
+    assert not (tmp_path / "run").exists()  # nothing created, no lock taken
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_retention_and_cadence_objects_are_the_keyword_arguments(tmp_path: Path) -> None:
+    retention, cadence = runstate.Retention(keep_last=2, keep_every=4), runstate.SaveCadence(every_steps=2)
+    with CheckpointManager(tmp_path / "a", retention=retention, cadence=cadence) as objects:
+        assert objects.retention is retention and objects.cadence is cadence
+        written = [s for s in range(1, 11) if objects.save(s, {"s": s})]
+    with CheckpointManager(tmp_path / "b", keep_last=2, keep_every=4, save_every_steps=2) as keywords:
+        assert keywords.retention == retention and keywords.cadence == cadence
+        assert [s for s in range(1, 11) if keywords.save(s, {"s": s})] == written == [2, 4, 6, 8, 10]
+    assert objects.steps() == keywords.steps() == [4, 8, 10]
+    with CheckpointManager(tmp_path / "c") as defaults:  # keep_last=3 when neither is given
+        assert defaults.retention == runstate.Retention(keep_last=3) and defaults.cadence == runstate.SaveCadence()
+
+
+def test_restore_returns_the_step_with_its_report(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, keep_last=None) as mgr:
+        mgr.save(0, {"w": torch.zeros(2), "n": 0})
+        mgr.save(7, {"w": torch.ones(2), "n": 7})
+        state = {"w": torch.zeros(2), "n": None, "extra": 1}
+        result = mgr.restore(state, strict=False)
+        assert isinstance(result, runstate.RestoreResult) and isinstance(result, int)
+        assert result == 7 and result.step == 7 and result.path == mgr.path(7) and state["n"] == 7
+        assert result.report is mgr.last_restore_report and not result.report.ok
+        assert result.report.of("extra") == ["state['extra']"]
+        assert (result or 0) + 1 == 8 and type(result + 1) is int and list(range(result, 9)) == [7, 8]
+        assert f"{result}" == str(result) == "7" and "RestoreResult(step=7" in repr(result)
+        assert mgr.save(result + 1, {"n": 8}) and mgr.path(result) == mgr.path(7)
+        mgr.save(mgr.restore({"n": None}, step=8) + 1, {"n": 9})  # the result is a step the manager takes
+        zero = mgr.restore({"w": None, "n": None}, step=0)
+        assert zero.step == 0 and (zero or 0) == 0 and zero.report.ok  # falsy like 0: `or 0` still works
+        assert mgr.steps() == [0] and [s for s, _ in mgr.abandoned()] == [7, 8, 9]  # restoring step 0: a rollback

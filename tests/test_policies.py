@@ -35,3 +35,26 @@ def test_best_ties_prefer_the_newer_step_and_max_mode() -> None:
 def test_protected_and_newest_always_kept() -> None:
     r = Retention(keep_last=1)
     assert r.to_keep([1, 5, 9], {}, protected=[1]) == {1, 9}
+
+
+def test_policies_are_public_and_refuse_bad_values_with_the_config_error() -> None:
+    import pytest
+
+    import runstate
+
+    assert runstate.Retention is Retention and runstate.SaveCadence is SaveCadence
+    bad = [
+        lambda: Retention(keep_last=0),
+        lambda: Retention(keep_last=True),
+        lambda: Retention(keep_every=-4),
+        lambda: Retention(keep_best=1),  # no best_metric
+        lambda: Retention(keep_best=1, best_metric=["loss"]),  # type: ignore[arg-type]
+        lambda: Retention(best_mode="lowest"),
+        lambda: SaveCadence(every_steps=2.5),  # type: ignore[arg-type]
+        lambda: SaveCadence(every_seconds=float("nan")),
+        lambda: SaveCadence(every_seconds="60"),  # type: ignore[arg-type]
+    ]
+    for make in bad:
+        with pytest.raises(runstate.CheckpointConfigError):
+            make()
+    assert SaveCadence(every_seconds=1).every_seconds == 1  # an int is a number of seconds too

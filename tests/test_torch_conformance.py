@@ -20,6 +20,7 @@ JOB = Path(__file__).parent / "e2e" / "train_job.py"
 
 
 class TestTorchConformance(Conformance):
+    adapter = "torch"
     in_place_items = ("model", "optimizer", "scheduler", "data_generator")
     negative_resume = "no_rng"
     save_every = 4

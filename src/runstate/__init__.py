@@ -9,8 +9,9 @@ imports torch only at that moment.
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from runstate._impl.checkpoint import CheckpointInfo
+from runstate._impl.pipeline import CheckpointInfo
 from runstate._impl.restore import Mismatch, RestoreReport
+from runstate._impl.restore_result import RestoreResult
 from runstate._version import __version__
 from runstate.api import load, save
 from runstate.distributed import PerRank
@@ -31,18 +32,22 @@ from runstate.errors import (
 )
 from runstate.inspect import CheckpointContents, ItemContents, ObjectSummary, TensorSummary, inspect
 from runstate.manager import CheckpointManager
+from runstate.policies import Retention, SaveCadence
 from runstate.registry import Registry, register, registry
 from runstate.rng import RNG
 from runstate.stateful import Stateful
 from runstate.verify import Problem, VerifyReport, verify
 
 if TYPE_CHECKING:
+    from runstate import hf as hf
+    from runstate import jax as jax
     from runstate import keras as keras
+    from runstate import lightning as lightning
     from runstate import torch as torch
 
 # Subpackages named after the framework they need, imported when first accessed. A new one
 # (e.g. runstate.jax) is added here; tests/test_first_contact.py checks this list is complete.
-_FRAMEWORK_SUBPACKAGES = ("keras", "torch")
+_FRAMEWORK_SUBPACKAGES = ("hf", "jax", "keras", "lightning", "torch")
 
 __all__ = [
     "RNG",
@@ -66,6 +71,9 @@ __all__ = [
     "Problem",
     "Registry",
     "RestoreReport",
+    "RestoreResult",
+    "Retention",
+    "SaveCadence",
     "StateMismatchError",
     "Stateful",
     "StepExistsError",

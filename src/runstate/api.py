@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, overload
 
-from runstate._impl.checkpoint import (
-    CheckpointInfo,
-    prepare,
-    validate_state,
-    validate_step,
-    write_checkpoint,
-)
 from runstate._impl.group import current_group
-from runstate._impl.parallel import save_together
+from runstate._impl.pipeline import CheckpointInfo, capture, save_checkpoint, validate_state, validate_step
 from runstate._impl.reader import CheckpointReader
 from runstate._impl.restore import plain, restore_state
+from runstate._impl.restore_result import RestoreResult
 from runstate.adapters import prepare_loaders
-from runstate.errors import CheckpointWriteError
-from runstate.storage import is_url, local_path, open_store
-from runstate.storage.local import commit_directory
+from runstate.storage import is_url, local_path, parent_store
 
 __all__ = ["load", "save"]
 
@@ -59,35 +52,40 @@ def save(
     Example:
         >>> info = runstate.save("ckpt", {"model": model, "epoch": 3}, step=1200)  # doctest: +SKIP
     """
-    path = os.fspath(path)
-    validate_state(state, f"save({path!r})")
+    location = os.fspath(path)
+    validate_state(state, f"save({location!r})")
     prepare_loaders(state, saving=True)
     checked_step = None if step is None else validate_step(step)
-    group = current_group()
-    if is_url(path):
-        parent_url, _, name = path.rstrip("/").rpartition("/")
-        store = open_store(parent_url, storage_options=storage_options)
-        if group.distributed:  # every process calls save; rank 0 commits
-            save_together(group, store, name, state, step=checked_step, metrics=metrics)
-            with CheckpointReader(store.child(name)) as reader:
-                return reader.info()
-        prepared = prepare(state, metrics)
-        with store.begin(name) as staging:
-            return write_checkpoint(staging, prepared, step=checked_step)
-    open_store(path, storage_options=storage_options)  # refuses options with a plain path
-    path = local_path(path)  # "~/ckpt" expanded; "ckpt", "./ckpt", "../ckpt" are relative to the cwd
-    parent, name = os.path.split(os.path.abspath(path))
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise CheckpointWriteError(20, f"cannot save to {path}: {parent} is a file, not a directory")
-    if group.distributed:
-        store = open_store(parent)
-        save_together(group, store, name, state, step=checked_step, metrics=metrics)
-        with CheckpointReader(path) as reader:
-            return reader.info()
-    prepared = prepare(state, metrics)
-    with commit_directory(path) as tmp:
-        info = write_checkpoint(tmp, prepared, step=checked_step)
-    return CheckpointInfo(info.step, path, info.created, info.metrics, info.nbytes)
+    store, name = parent_store(location, storage_options)
+    group = current_group()  # every process of a torch.distributed job calls save; rank 0 commits
+    captured = capture(state, metrics, group, where=store.join(name))
+    info = save_checkpoint(store, name, captured, group=group, step=checked_step)
+    # a local path is reported as given ("ckpt" stays relative, "~" expanded)
+    return info if is_url(location) else dataclasses.replace(info, path=local_path(location))
+
+
+@overload
+def load(
+    path: str | os.PathLike[str],
+    state: None = None,
+    *,
+    strict: bool = True,
+    rename: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> dict[str, Any]: ...
+
+
+@overload
+def load(
+    path: str | os.PathLike[str],
+    state: MutableMapping[str, Any],
+    *,
+    strict: bool = True,
+    rename: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> RestoreResult: ...
 
 
 def load(
@@ -98,7 +96,7 @@ def load(
     rename: Mapping[str, Sequence[tuple[str, str]]] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     exclude: Sequence[str] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | RestoreResult:
     r"""Load a checkpoint directory written by :func:`save` or a ``CheckpointManager``.
 
     Args:
@@ -117,13 +115,21 @@ def load(
             unexpected. For run metadata such as a config that the resumed run sets itself.
 
     Returns:
-        ``state`` itself after restoring, or the stored tree when ``state`` is None.
+        With ``state``: a :class:`RestoreResult`, the step restored (an int; 0 for a
+        checkpoint saved without a step, then ``result.step`` is None) carrying the
+        restore's ``report`` (what did not match, with ``strict=False``) and ``path``.
+        Without: the stored tree, a dict.
 
     Raises:
         CheckpointNotFoundError: ``path`` is not a checkpoint.
         CorruptCheckpointError: a checksum, size or header does not match the manifest.
         StateMismatchError: ``strict`` and the state does not match (nothing was changed).
         FormatVersionError: the checkpoint needs a newer runstate.
+
+    Example:
+        >>> result = runstate.load("ckpt", state, strict=False)  # doctest: +SKIP
+        >>> result.step, result.report.ok  # doctest: +SKIP
+        (1200, True)
     """
     path = os.fspath(path)
     with CheckpointReader(path, storage_options=storage_options) as reader:
@@ -131,5 +137,5 @@ def load(
             return {name: plain(reader.load_item(name)) for name in reader.manifest.items}
         validate_state(state, f"load({path!r})")
         prepare_loaders(state, saving=False)
-        restore_state(reader, state, strict=strict, rename=rename, group=current_group(), exclude=exclude)
-        return dict(state) if not isinstance(state, dict) else state
+        report = restore_state(reader, state, strict=strict, rename=rename, group=current_group(), exclude=exclude)
+        return RestoreResult(reader.manifest.step, report, reader.path)

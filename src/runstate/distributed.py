@@ -11,14 +11,14 @@ the same item names. runstate sorts the items into three kinds:
 - **sharded**: items holding ``DTensor`` s (FSDP2's ``fully_shard``): every rank writes
   its block of each DTensor; a restore reads the blocks into any placement and world size.
 
-Nothing here imports a framework.
+Nothing here imports a framework: the adapters name the per-rank values of theirs.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from runstate.errors import UnsupportedTypeError
+from runstate.errors import CheckpointConfigError
 from runstate.rng import RNG
 
 __all__ = ["ON_RESIZE", "PerRank", "is_per_rank", "unwrap"]
@@ -46,7 +46,7 @@ class PerRank:
 
     def __init__(self, value: Any, *, on_resize: str = "error") -> None:
         if on_resize not in ON_RESIZE:
-            raise UnsupportedTypeError(f"PerRank(on_resize={on_resize!r}): use one of {ON_RESIZE}")
+            raise CheckpointConfigError(f"PerRank(on_resize={on_resize!r}): use one of {ON_RESIZE}")
         if isinstance(value, PerRank):
             value = value.value
         self.value: Any = value
@@ -56,16 +56,12 @@ class PerRank:
         return f"PerRank({self.value!r}, on_resize={self.on_resize!r})"
 
 
-def _is_loader(value: Any) -> bool:
-    return any(
-        cls.__name__ in ("DataLoader", "StatefulDataLoader") and cls.__module__.startswith(("torch", "torchdata"))
-        for cls in type(value).__mro__
-    )
-
-
 def is_per_rank(value: Any) -> bool:
-    """True for values each process saves for itself: PerRank, RNG and data loaders."""
-    return isinstance(value, (PerRank, RNG)) or _is_loader(value)
+    """True for values each process saves for itself: PerRank, RNG, and those a framework
+    adapter says differ on every process (data loaders)."""
+    from runstate.adapters import is_per_rank_value
+
+    return isinstance(value, (PerRank, RNG)) or is_per_rank_value(value)
 
 
 def unwrap(value: Any) -> Any:

@@ -2,11 +2,12 @@
 
 Listing a run or showing a checkpoint must be cheap and safe even for a 100 GB checkpoint
 from a stranger: this module reads only ``manifest.json`` (checked against its own
-checksum) and never a tensor byte, never imports an ML framework and never builds an
-object from the checkpoint. Tensors appear as :class:`TensorSummary` (name, dtype, shape,
-size, file) and generators as :class:`ObjectSummary`; everything else is the plain decoded
-value (the optimizer's learning rates, the data loader's position...). Tensor checksums are
-not checked here: that is :func:`runstate.verify`.
+checksum, from a local directory or a URL through the same ``Store``) and never a tensor
+byte, never imports an ML framework and never builds an object from the checkpoint. Tensors
+appear as :class:`TensorSummary` (name, dtype, shape, size, file, framework) and generators
+and typed JAX keys as :class:`ObjectSummary`; everything else is the plain decoded value (the
+optimizer's learning rates, the data loader's position...). Tensor checksums are not checked
+here: that is :func:`runstate.verify`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class TensorSummary:
         shape: its shape.
         nbytes: its size in bytes.
         file: the tensor file holding it.
-        lib: the framework it is rebuilt as: ``"torch"`` or ``"numpy"``.
+        lib: the framework it is rebuilt as: ``"torch"``, ``"jax"`` or ``"numpy"``.
     """
 
     item: str
@@ -53,10 +54,11 @@ class TensorSummary:
 
 @dataclass(frozen=True)
 class ObjectSummary:
-    """A stored generator (``random.Random``, ``numpy.Generator``, ``torch.Generator``...).
+    """A stored generator (``random.Random``, ``numpy.Generator``, ``torch.Generator``...) or
+    typed JAX PRNG key (``jax.random.key``).
 
     Attributes:
-        kind: what it is, e.g. ``"torch.Generator"``.
+        kind: what it is, e.g. ``"torch.Generator"`` or ``"jax.random.key"``.
         attrs: its attributes, e.g. ``{"device": "cpu"}``.
         state: its decoded state, with tensors as :class:`TensorSummary`.
     """
@@ -103,7 +105,7 @@ class CheckpointContents:
     """What :func:`inspect` found in a checkpoint's manifest.
 
     Attributes:
-        path: the checkpoint directory.
+        path: the checkpoint directory or URL.
         step: the training step (None for a save without one).
         created: creation time, ISO 8601 in UTC.
         metrics: the metrics passed to ``save``.
@@ -165,8 +167,8 @@ def _describe(tree: dict[str, Any], value: Any) -> tuple[str, str]:
 def _read_manifest(store: Store) -> tuple[Manifest, int]:
     """Read and check ``manifest.json`` exactly as ``CheckpointReader`` does.
 
-    ``CheckpointReader`` itself is not used because it prepares for loading tensors, which
-    imports torch (a second and a half) where only the manifest is needed.
+    ``CheckpointReader`` itself is not used: it also prepares to load tensors (codecs,
+    object builders, open-file bookkeeping) where only the manifest is needed.
     """
     raw = read_manifest_bytes(store)
     return Manifest.from_json_bytes(raw, store.join(MANIFEST_NAME)), len(raw)

@@ -1,67 +1,91 @@
-"""``CheckpointManager``: a run directory of step checkpoints.
+"""``CheckpointManager``: a run directory of step checkpoints, behind one small facade.
 
 Layout: ``<dir>/step-000000000100/`` per committed step, leftovers of interrupted saves or
-deletions (hidden ``.tmp-*``/``.del-*`` locally, ``step-*`` prefixes without a manifest on
-object stores), and ``.lock`` for the single writer, taken when a writing manager is
-created so that a second writer fails at once, not at its first save. A read-only manager
+deletions, and ``.lock`` for the single writer, taken when a writing manager is created so
+that a second writer fails at once, not at its first save. A read-only manager
 (``read_only=True``) never takes the lock: an evaluation job lists and restores while training
-writes, and a step that retention deletes between listing and reading is not damage (the
-listing is read again). Rolling back (``restore(state, step=S)`` in a writer, with newer
-steps committed) sets the newer steps aside as ``step-N.abandoned-<12 hex>``, so that the new
-branch is the run. Where the bytes go is the business of :mod:`runstate.storage`: a local
-directory or any fsspec URL (``s3://bucket/run``).
+writes. Rolling back (``restore(state, step=S)`` in a writer, with newer steps committed) sets
+the newer steps aside, so that the new branch is the run. Where the bytes go is the business
+of :mod:`runstate.storage`: a local directory or any fsspec URL (``s3://bucket/run``).
+
+The manager only composes parts that each keep one concern, and adds none of its own but
+the order of the calls:
+
+* :class:`~runstate._impl.run_dir.RunDirectory`: the store, the writer lock, listing steps,
+  ``info``, ``latest_step``;
+* a saver from :func:`~runstate._impl.savers.make_saver`: how a checkpoint is written (in
+  this thread, in the background with ``async_save=True``, or by every process of a
+  ``torch.distributed`` group); ``async_save`` only picks the saver;
+* :class:`~runstate.policies.SaveCadence` (whether ``save`` writes at a step) and
+  :class:`~runstate.policies.Retention` (which checkpoints survive), applied by
+  :class:`~runstate._impl.housekeeping.RunHousekeeping` with leftovers, damaged steps and
+  rollbacks;
+* :class:`~runstate._impl.preemption.PreemptionWatcher`: ``save_on_signals``;
+* :class:`~runstate._impl.run_restore.RunRestorer`: restoring the newest intact step next to
+  a live writer, with the result as a :class:`~runstate.RestoreResult`.
 """
 
 from __future__ import annotations
 
-import errno
-import functools
-import logging
+import enum
 import os
-import threading
 import time
-import weakref
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from runstate._impl.background import BackgroundSaver
-from runstate._impl.checkpoint import (
-    CheckpointInfo,
-    PreparedState,
-    prepare,
-    validate_state,
-    validate_step,
-    write_checkpoint,
-)
-from runstate._impl.group import current_group, raise_together
+from runstate._impl.group import current_group
 from runstate._impl.housekeeping import RunHousekeeping
-from runstate._impl.parallel import save_together
-from runstate._impl.reader import CheckpointReader
-from runstate._impl.restore import RestoreReport
-from runstate._impl.run_restore import RunRestorer
-from runstate._impl.signals import subscribe, unsubscribe
-from runstate._impl.snapshot import SnapshotPool
+from runstate._impl.pipeline import CheckpointInfo, validate_state
+from runstate._impl.preemption import EXIT_PREEMPTED, PreemptionWatcher, signal_numbers
+from runstate._impl.restore_report import RestoreReport
+from runstate._impl.restore_result import RestoreResult
+from runstate._impl.run_dir import RunDirectory, as_step
+from runstate._impl.run_restore import RestoreOptions, RunRestorer
+from runstate._impl.savers import make_saver
 from runstate.adapters import prepare_loaders
-from runstate.errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    CheckpointReadError,
-    CheckpointWriteError,
-    CorruptCheckpointError,
-    LockError,
-)
+from runstate.errors import CheckpointConfigError, CheckpointError
 from runstate.policies import Retention, SaveCadence
-from runstate.storage import Staging, Store, open_store, step_dirname
-from runstate.verify import verify_reader
 
 __all__ = ["EXIT_PREEMPTED", "CheckpointManager"]
 
-logger = logging.getLogger("runstate")
 
-#: The exit status of a job that stopped after its preemption save (``EX_TEMPFAIL``, "try
-#: again"): ``runstate run`` restarts such a job at once, without counting it as a failure.
-EXIT_PREEMPTED = 75
+class _Default(enum.Enum):
+    """Marks a keyword argument left out, so that giving it next to its policy object is refused."""
+
+    UNSET = "default"
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_UNSET = _Default.UNSET
+
+
+def _policy(kind: type[Any], given: Any, **keywords: Any) -> Any:
+    """``given`` (a ``kind`` instance) or a ``kind`` built from the keyword arguments given.
+
+    Args:
+        kind: :class:`Retention` or :class:`SaveCadence`.
+        given: the ``retention=`` / ``cadence=`` argument.
+        keywords: the manager's keyword arguments for the same concern (``save_every_steps``
+            sets the field ``every_steps``), :data:`_UNSET` when left out.
+
+    Raises:
+        CheckpointConfigError: ``given`` is not a ``kind``, both were given, or a value is bad.
+    """
+    chosen = {name: value for name, value in keywords.items() if value is not _UNSET}
+    option = "retention" if kind is Retention else "cadence"
+    if given is None:
+        return kind(**{name.removeprefix("save_"): value for name, value in chosen.items()})
+    if not isinstance(given, kind):
+        raise CheckpointConfigError(f"{option} must be a runstate.{kind.__name__}, got {given!r}")
+    if chosen:
+        raise CheckpointConfigError(
+            f"{option}={given!r} and {', '.join(chosen)} both set the {option}: give the {kind.__name__} "
+            "object or the keyword arguments, not both"
+        )
+    return given
 
 
 class CheckpointManager:
@@ -69,19 +93,30 @@ class CheckpointManager:
 
     Attributes:
         EXIT_PREEMPTED: 75, the exit status :attr:`exit_code` gives after a preemption save.
+        directory: the run's location (an absolute path, or the URL).
+        retention: the :class:`~runstate.Retention` policy in use.
+        cadence: the :class:`~runstate.SaveCadence` in use.
+        last_restore_report: the report of the last :meth:`restore` (the same object as
+            its result's ``.report``), or None before any.
 
     Args:
         directory: the run directory; a writing manager creates it (with its ``.lock``). A URL such as
             ``s3://bucket/runs/exp`` or ``memory://exp`` stores the run through fsspec with the
             object-store protocol (``manifest.json`` last as the commit marker, an advisory
             ``.lock`` object: one writer per run is then your responsibility).
-        keep_last: keep the N newest checkpoints (None keeps all).
+        keep_last: keep the N newest checkpoints (None keeps all; 3 when neither it nor
+            ``retention`` is given).
         keep_every: also keep every checkpoint whose step is divisible by this.
         keep_best: also keep the M best checkpoints by ``metrics[best_metric]``.
         best_metric: the metric ranking checkpoints for ``keep_best``.
         best_mode: ``"min"`` (lower is better) or ``"max"``.
         save_every_steps: ``save`` writes only at steps divisible by this...
         save_every_seconds: ...or when this many seconds passed since the last save.
+        retention: the retention policy as one object, instead of ``keep_last``,
+            ``keep_every``, ``keep_best``, ``best_metric`` and ``best_mode`` (giving both
+            raises :class:`CheckpointConfigError`).
+        cadence: the save cadence as one object, instead of ``save_every_steps`` and
+            ``save_every_seconds`` (giving both raises :class:`CheckpointConfigError`).
         save_on_signals: signals (e.g. ``signal.SIGTERM`` sent by a scheduler before
             preemption) after which the next ``save`` writes regardless of the cadence and
             sets :attr:`preempted`. The handler only sets a flag (no I/O in a signal
@@ -112,12 +147,14 @@ class CheckpointManager:
             instead of logging one WARNING at the first save.
 
     Raises:
+        CheckpointConfigError: an option is invalid (``keep_last=0``, ``best_mode="x"``,
+            ``read_only`` with ``async_save``...); nothing was read or written.
         LockError: (a writer) another live manager writes to this directory.
 
     Example:
         >>> with runstate.CheckpointManager("runs/exp", save_every_steps=100,  # doctest: +SKIP
         ...                                 save_on_signals=(signal.SIGTERM,)) as mgr:
-        ...     start = mgr.restore(state) or 0
+        ...     start = mgr.restore(state) or 0  # a RestoreResult (the step), or None
         ...     for step in range(start, total):
         ...         train_step()
         ...         mgr.save(step + 1, state)
@@ -132,91 +169,65 @@ class CheckpointManager:
         self,
         directory: str | os.PathLike[str],
         *,
-        keep_last: int | None = 3,
-        keep_every: int | None = None,
-        keep_best: int | None = None,
-        best_metric: str | None = None,
-        best_mode: str = "min",
-        save_every_steps: int | None = None,
-        save_every_seconds: float | None = None,
+        keep_last: int | _Default | None = _UNSET,
+        keep_every: int | _Default | None = _UNSET,
+        keep_best: int | _Default | None = _UNSET,
+        best_metric: str | _Default | None = _UNSET,
+        best_mode: str | _Default = _UNSET,
+        save_every_steps: int | _Default | None = _UNSET,
+        save_every_seconds: float | _Default | None = _UNSET,
         save_on_signals: Sequence[int] = (),
         async_save: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         group: Any = None,
         read_only: bool = False,
         require_exact: bool = False,
+        retention: Retention | None = None,
+        cadence: SaveCadence | None = None,
     ) -> None:
-        self._store: Store = open_store(directory, storage_options=storage_options)
-        self.directory = self._store.location
+        self.retention: Retention = _policy(
+            Retention,
+            retention,
+            keep_last=keep_last,
+            keep_every=keep_every,
+            keep_best=keep_best,
+            best_metric=best_metric,
+            best_mode=best_mode,
+        )
+        self.cadence: SaveCadence = _policy(
+            SaveCadence, cadence, save_every_steps=save_every_steps, save_every_seconds=save_every_seconds
+        )
         self.read_only = bool(read_only)
         self.require_exact = bool(require_exact)
-        self._group = current_group(group)
         if self.read_only and (async_save or save_on_signals):
-            raise CheckpointError(
+            raise CheckpointConfigError(
                 "read_only=True cannot be combined with async_save or save_on_signals: a read-only manager never "
                 "saves; drop those options, or create a writing manager"
             )
-        if self._group.distributed and async_save:
-            raise CheckpointError(
-                "async_save=True is not supported under torch.distributed yet: every process would write "
-                "from a background thread while training runs collectives; use async_save=False"
-            )
-        if self._store.is_local and os.path.exists(self.directory) and not os.path.isdir(self.directory):
-            raise CheckpointWriteError(20, f"{self.directory} is a file; a CheckpointManager needs a directory")
-        self.retention = Retention(keep_last, keep_every, keep_best, best_metric, best_mode)
-        self.cadence = SaveCadence(save_every_steps, save_every_seconds)
-        signums = tuple(save_on_signals)
-        if signums and threading.current_thread() is not threading.main_thread():
-            raise CheckpointError(
-                f"save_on_signals={signums!r}: signal handlers can only be installed from the main thread; "
-                "create the CheckpointManager there, or leave save_on_signals empty"
-            )
-        self._lock = self._store.lock()
+        signums = signal_numbers(save_on_signals)
+        self._group = current_group(group)
+        self._run = RunDirectory(directory, storage_options, self._group, read_only=self.read_only)
+        self.directory = self._run.location
+        self._saver = make_saver(self._run.store, self._group, async_save=bool(async_save))
+        try:
+            self._run.take_lock()
+            self._upkeep = RunHousekeeping(self._run.store, self.retention, self._run.lock)
+            self._restorer = RunRestorer(self._run)
+            self._preemption = PreemptionWatcher(signums)
+        except BaseException:  # nothing half-made stays behind: no thread, exit hook or lock
+            try:
+                self._saver.close()
+            finally:
+                self._run.lock.release()
+            raise
+        self.last_restore_report: RestoreReport | None = None
         self._last_save = time.monotonic()
         self._closed = False
-        self._upkeep = RunHousekeeping(self._store, self.retention, self._lock)
-        self._restorer = RunRestorer(self._store, self._group)
-        self._signal: int | None = None
-        self.last_restore_report: RestoreReport | None = None
-        self.last_blocking_seconds = 0.0
-        self._pool = SnapshotPool()
-        self._preempted = False
-        self._signums: tuple[int, ...] = ()
-        self._saver: BackgroundSaver | None = None
-        if not self.read_only:
-            self._take_lock()
-        # A writer dropped without close() (``CheckpointManager(d).steps()``) frees its lock.
-        weakref.finalize(self, self._lock.release)
-        if async_save:
-            self._saver = BackgroundSaver()
-        for signum in signums:
-            subscribe(signum, id(self), self._on_signal)
-        self._signums = signums
-
-    def _take_lock(self) -> None:
-        """Take the writer lock (rank 0 under torch.distributed); every process fails alike."""
-        error: CheckpointError | None = None
-        if self._group.rank == 0:
-            try:
-                self._lock.acquire()
-            except CheckpointError as exc:
-                error = exc
-        raise_together(
-            self._group,
-            error,
-            lambda: LockError(
-                errno.EWOULDBLOCK,
-                f"{self.directory}: rank 0 could not take the writer lock (see its error); nothing was written",
-            ),
-        )
-
-    def _on_signal(self, signum: int) -> None:
-        self._signal = signum  # only a flag: the next save() does the I/O
 
     @property
     def preempted(self) -> bool:
         """True once a checkpoint was written after one of ``save_on_signals`` arrived."""
-        return self._preempted
+        return self._preemption.preempted
 
     @property
     def exit_code(self) -> int:
@@ -226,12 +237,17 @@ class CheckpointManager:
         ``mgr.preempted`` ends with ``sys.exit(mgr.exit_code)`` and is resumed, never
         mistaken for a finished run.
         """
-        return EXIT_PREEMPTED if self._preempted else 0
+        return self._preemption.exit_code
 
     @property
     def signal_received(self) -> int | None:
         """The number of the last ``save_on_signals`` signal received, if any."""
-        return self._signal
+        return self._preemption.received
+
+    @property
+    def last_blocking_seconds(self) -> float:
+        """How long the last ``save`` that wrote blocked training (``async_save``: the snapshot)."""
+        return self._saver.last_blocking_seconds
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r})"
@@ -252,14 +268,10 @@ class CheckpointManager:
             AsyncSaveError: the last background save failed (everything is released anyway).
         """
         try:
-            self.wait()
+            self._saver.close()
         finally:
-            if self._saver is not None:
-                self._saver.shutdown()
-            self._lock.release()
-            for signum in self._signums:
-                unsubscribe(signum, id(self))
-            self._signums = ()
+            self._run.lock.release()
+            self._preemption.close()
             self._closed = True
 
     def _check_open(self) -> None:
@@ -276,12 +288,12 @@ class CheckpointManager:
 
     def path(self, step: int) -> str:
         """The directory of ``step``'s checkpoint (whether or not it exists)."""
-        return self._store.join(step_dirname(validate_step(step)))
+        return self._run.path(step)
 
     def leftovers(self) -> list[str]:
         """Remains of interrupted saves or deletions (``.tmp-*``, ``.del-*``; on object stores
         ``step-*`` prefixes without ``manifest.json``): never committed."""
-        return self._store.list_leftovers()
+        return self._run.store.list_leftovers()
 
     def abandoned(self) -> list[tuple[int, str]]:
         """``(step, location)`` of the checkpoints of branches abandoned by a rollback, by step.
@@ -311,13 +323,13 @@ class CheckpointManager:
         """
         self._check_writable("remove leftovers")
         self.wait()  # the temporary directory of the save in flight is not a leftover
-        if self._store.is_local and not os.path.isdir(self.directory):
+        if not self._run.exists():
             return []
         return self._upkeep.clean(dry_run=dry_run, abandoned=abandoned)
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
-        return list(self._restorer.list_committed())
+        return self._run.steps()
 
     def latest_step(self, *, verified: bool = False) -> int | None:
         """The newest committed step, or None when there is none.
@@ -329,29 +341,7 @@ class CheckpointManager:
                 (:func:`runstate.verify`, reading them whole) and the newest step that passes
                 is returned.
         """
-        steps = self.steps()
-        if not verified:
-            return steps[-1] if steps else None
-        tried: set[int] = set()
-        while True:  # listed again whenever the writer's retention deleted a step while it was checked
-            for step in reversed([s for s in steps if s not in tried]):
-                tried.add(step)
-                try:
-                    intact = verify_reader(CheckpointReader(self._store.child(step_dirname(step)))).ok
-                except CheckpointReadError:  # the machine, not the checkpoint (open-file limit, memory...)
-                    if step in self.steps():
-                        raise
-                    intact = False
-                except CheckpointError:
-                    intact = False
-                if intact:
-                    return step
-                if step not in self.steps():  # deleted meanwhile by the writer: not damage, list again
-                    break
-                logger.warning("latest_step(verified=True): step %d fails verification; trying older ones", step)
-            else:
-                return None
-            steps = self.steps()
+        return self._run.latest_step(verified=verified)
 
     def info(self, step: int) -> CheckpointInfo:
         """The :class:`CheckpointInfo` of a committed step.
@@ -359,16 +349,7 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: ``step`` is not committed.
         """
-        with CheckpointReader(self._existing(step)) as reader:
-            return reader.info()
-
-    def _existing(self, step: int) -> Store:
-        step = validate_step(step)
-        committed = self._store.list_committed()
-        if step not in committed:
-            listed = ", ".join(map(str, committed)) or "none"
-            raise CheckpointNotFoundError(f"no checkpoint for step {step} in {self.directory} (steps: {listed})")
-        return self._store.child(step_dirname(step))
+        return self._run.info(step)
 
     def save(
         self,
@@ -400,101 +381,35 @@ class CheckpointManager:
             CheckpointError: the manager is read-only.
         """
         self._check_writable("save")
-        step = validate_step(step)
+        step = as_step(step)
         validate_state(state, f"{self!r}.save(step={step})")
         prepare_loaders(state, saving=True, require_exact=self.require_exact)
         now = time.monotonic()
-        signalled = self._signal is not None and not self._preempted
+        due, signalled = self._due(step, now, force)
+        if not due:
+            return False
+        self._saver.save(
+            step,
+            state,
+            metrics,
+            verify=verify,
+            before_start=lambda: self._upkeep.before_save(step),
+            after_commit=lambda _info: self._upkeep.after_save(step),
+        )
+        self._last_save = now
+        if signalled:
+            self._preemption.saved(step)
+        return True
+
+    def _due(self, step: int, now: float, force: bool) -> tuple[bool, bool]:
+        """Whether ``save`` writes at ``step``, and whether because of a signal."""
+        signalled = self._preemption.pending
         due = force or signalled or self.cadence.should_save(step, now - self._last_save)
-        if self._group.distributed and (self.cadence.every_seconds is not None or self._signums):
+        if self._group.distributed and (self.cadence.every_seconds is not None or self._preemption.watching):
             # Clocks and signals differ between processes: save when any process wants to.
             due = bool(self._group.all_max(int(due)))
             signalled = bool(self._group.all_max(int(signalled)))
-        if not due:
-            return False
-        if self._group.distributed:
-            self._save_together(step, state, metrics, verify)
-            self._last_save = now
-        else:
-            self.wait()  # at most one save in flight; re-raises a failed background save
-            prepared = prepare(state, metrics)
-            self._upkeep.claim(step)
-            self._last_save = now
-            if self._saver is not None:
-                started = time.monotonic()
-                self._pool.snapshot(prepared)  # the only part that blocks training
-                self.last_blocking_seconds = time.monotonic() - started
-                self._saver.submit(step, self.path(step), functools.partial(self._write, step, prepared, verify))
-            else:
-                self._write(step, prepared, verify)
-        if signalled:
-            self._preempted = True
-            logger.warning("saved step %d after signal %s; mgr.preempted is now True", step, self._signal)
-        return True
-
-    def _save_together(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any] | None, verify: bool) -> None:
-        """Save from every process of the group (rank 0 commits; see :mod:`runstate._impl.parallel`)."""
-
-        def start() -> None:  # on rank 0 only
-            self._upkeep.claim(step)
-            self._upkeep.move_aside_if_corrupt(step)
-
-        started = time.monotonic()
-        def check(staging: Staging, manifest: bytes) -> None:  # rank 0, every process's files durable
-            self._read_back(staging, step)(manifest)
-
-        save_together(
-            self._group,
-            self._store,
-            step_dirname(step),
-            state,
-            step=step,
-            metrics=metrics,
-            before_start=start,
-            before_commit=check if verify else None,
-        )
-        if self._group.rank == 0:
-            logger.info(
-                "saved step %d from %d processes in %.2f s", step, self._group.size, time.monotonic() - started
-            )
-            try:
-                self._upkeep.apply_retention(step)
-            except CheckpointError as exc:
-                logger.warning("step %d is saved, but removing older checkpoints failed: %s", step, exc)
-
-    def _write(self, step: int, prepared: PreparedState, verify: bool) -> None:
-        started = time.monotonic()
-        self._upkeep.move_aside_if_corrupt(step)
-        with self._store.begin(step_dirname(step)) as staging:
-            check = self._read_back(staging, step) if verify else None
-            info = write_checkpoint(staging, prepared, step=step, before_commit=check)
-        seconds = time.monotonic() - started
-        logger.info(
-            "saved step %d: %.1f MB in %.2f s (%.2f GB/s)%s",
-            step,
-            info.nbytes / 1e6,
-            seconds,
-            info.nbytes / 1e9 / max(seconds, 1e-9),
-            " in the background" if self._saver is not None else "",
-        )
-        try:
-            self._upkeep.apply_retention(step)
-        except CheckpointError as exc:  # the new checkpoint is committed: do not fail the save
-            logger.warning("step %d is saved, but removing older checkpoints failed: %s", step, exc)
-
-    def _read_back(self, staging: Staging, step: int) -> Callable[[bytes], None]:
-        def check(manifest: bytes) -> None:
-            directory = staging.local_dir()
-            if directory is not None:
-                _drop_page_cache(directory)
-            report = verify_reader(CheckpointReader(staging.reader(), manifest=manifest))
-            if not report.ok:
-                raise CorruptCheckpointError(
-                    f"{self.path(step)}: read-back verification failed, nothing was committed: "
-                    + "; ".join(map(str, report.problems))
-                )
-
-        return check
+        return due, signalled
 
     def wait(self) -> None:
         """Block until the save in flight (``async_save=True``) is committed.
@@ -502,8 +417,7 @@ class CheckpointManager:
         Raises:
             AsyncSaveError: the background save failed; its exception is the ``__cause__``.
         """
-        if self._saver is not None:
-            self._saver.wait()
+        self._saver.wait()
 
     def restore(
         self,
@@ -514,7 +428,7 @@ class CheckpointManager:
         fallback: bool = True,
         rename: Mapping[str, Sequence[tuple[str, str]]] | None = None,
         exclude: Sequence[str] | None = None,
-    ) -> int | None:
+    ) -> RestoreResult | None:
         r"""Restore ``state`` from the newest checkpoint (or ``step``).
 
         Restoring an older ``step`` in a writing manager is a **rollback**: once it
@@ -536,12 +450,13 @@ class CheckpointManager:
             exclude: item names or glob patterns to leave alone (run metadata such as a
                 ``config`` the resumed run sets itself; see :func:`runstate.load`).
 
-        After a restore, :attr:`last_restore_report` tells what did not match (with
-        ``strict=False``: missing, unexpected and shape-mismatched keys per item, and
-        optimizer parameters matched by name, new or dropped).
-
         Returns:
-            The restored step, or None when the directory holds no checkpoint (state unchanged).
+            A :class:`~runstate.RestoreResult`: the restored step (an int, so
+            ``mgr.restore(state) or 0`` is the step to resume from) with ``.report``, what
+            did not match (with ``strict=False``: missing, unexpected and shape-mismatched
+            keys per item, optimizer parameters matched by name, new or dropped), also kept
+            as :attr:`last_restore_report`, and ``.path``. None when the run holds no
+            checkpoint (state unchanged).
 
         Raises:
             CheckpointNotFoundError: ``step`` was given and is not committed.
@@ -552,34 +467,14 @@ class CheckpointManager:
         validate_state(state, f"{self!r}.restore()")
         prepare_loaders(state, saving=False)
         self.wait()
-        if step is not None:
-            try:
-                report = self._restorer.restore_from(self._existing(step), state, strict, rename, exclude)
-            except CorruptCheckpointError as exc:
-                if step in self._store.list_committed():
-                    raise
-                raise CheckpointNotFoundError(  # the writer's retention deleted it under us: not damage
-                    f"step {step} of {self.directory} was deleted (by the writer's retention) while it was being "
-                    f"read; nothing was restored: restore a newer step (steps: {self.steps()})"
-                ) from exc
-            self.last_restore_report = report
+        options = RestoreOptions(strict, rename, exclude)
+        if step is None:
+            result = self._restorer.restore_newest(state, options, fallback=fallback, damaged=self._upkeep.corrupt)
+        else:
+            step = as_step(step)
+            result = self._restorer.restore_step(step, state, options)
             if not self.read_only and self._group.rank == 0:
                 self._upkeep.rolled_back(step)
-            return step
-        found = self._restorer.restore_newest(
-            state, strict=strict, fallback=fallback, rename=rename, exclude=exclude, damaged=self._upkeep.corrupt
-        )
-        if found is None:
-            return None
-        restored, self.last_restore_report = found
-        return restored
-
-
-def _drop_page_cache(directory: str) -> None:
-    """Ask the kernel to forget cached pages of the files, so a read-back hits the disk."""
-    for name in os.listdir(directory):
-        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        if result is not None:
+            self.last_restore_report = result.report
+        return result

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from runstate.errors import CheckpointConfigError
+
 __all__ = ["Registration", "Registry", "register", "registry"]
 
 # Values the typed tree stores natively: registering them would change every checkpoint.
@@ -81,7 +83,8 @@ class Registry:
         Raises:
             TypeError: ``type_`` is not a class, is a type the checkpoint format stores natively
                 (``int``, ``dict``, ...), or a function is not callable.
-            ValueError: ``type_`` is already registered with other functions (unregister it first).
+            CheckpointConfigError: ``type_`` is already registered with other functions (unregister it
+                first); a ``ValueError``.
         """
         if not isinstance(type_, type):
             raise TypeError(f"register() needs a class, got {type_!r}")
@@ -93,7 +96,7 @@ class Registry:
         if existing is not None and existing.get_state == get_state and existing.set_state == set_state:
             return existing
         if existing is not None:
-            raise ValueError(
+            raise CheckpointConfigError(
                 f"{type_.__module__}.{type_.__qualname__} is already registered with other functions; call "
                 "runstate.registry.unregister() first to replace it"
             )

@@ -7,16 +7,14 @@ after the resume point, so the run is no longer the same run.
 
 from __future__ import annotations
 
-import logging
 import random
-import sys
 from typing import Any
 
 import numpy as np
 
-__all__ = ["RNG"]
+from runstate import adapters
 
-logger = logging.getLogger("runstate")
+__all__ = ["RNG"]
 
 
 class RNG:
@@ -45,12 +43,7 @@ class RNG:
             "python": {"version": version, "state": np.asarray(internal, dtype=np.uint32), "gauss_next": gauss},
             "numpy": np.random.get_state(legacy=False),
         }
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            cuda = []
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
-            out["torch"] = {"cpu": torch.get_rng_state(), "cuda": cuda}
+        out.update(adapters.rng_states())  # {"torch": {"cpu": ..., "cuda": [...]}} once torch is imported
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -66,25 +59,9 @@ class RNG:
         py = state_dict["python"]
         random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss_next"]))
         np.random.set_state(state_dict["numpy"])
-        saved_torch = state_dict.get("torch")
-        if saved_torch is not None:
-            import torch  # the run that saved used torch; this one will too
-
-            torch.set_rng_state(saved_torch["cpu"].to("cpu"))
-            cuda = saved_torch.get("cuda") or []
-            here = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            for i, s in enumerate(cuda[:here]):
-                torch.cuda.set_rng_state(s.to("cpu"), i)
-            if len(cuda) > here:
-                # Nothing here draws from a device this machine lacks, so the rest still resumes
-                # exactly; a later checkpoint no longer holds those devices' states.
-                logger.warning(
-                    "runstate.RNG: the checkpoint holds the random state of %d CUDA device(s), this machine "
-                    "has %d: the state of %d device(s) is not restored",
-                    len(cuda),
-                    here,
-                    len(cuda) - here,
-                )
+        for name, saved in state_dict.items():
+            if name not in ("python", "numpy"):
+                adapters.set_rng_state(name, saved)  # the run that saved used that framework; this one will too
 
     def __repr__(self) -> str:
         return "runstate.RNG()"

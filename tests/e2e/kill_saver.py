@@ -24,7 +24,7 @@ import numpy as np
 #: What TARGET names: (module, attribute) of the function whose N-th call kills the process.
 TARGETS: dict[str, tuple[str, str]] = {
     "tensor": ("runstate.format.safetensors_io", "checksum"),  # before each tensor's bytes are written
-    "file": ("runstate._impl.checkpoint", "write_safetensors"),  # around a whole tensor file
+    "file": ("runstate._impl.parts", "write_safetensors"),  # around a whole tensor file
     "fsync": ("os", "fsync"),  # tensor files, manifest, directories
     "rename": ("os", "rename"),  # the commit, and the first step of a deletion
     "mkdir": ("os", "mkdir"),  # the temporary directory

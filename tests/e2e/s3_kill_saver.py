@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import runstate
-import runstate._impl.checkpoint as checkpoint_module
+import runstate._impl.parts as parts_module
 from tests.conftest import s3_options
 
 
@@ -29,7 +29,7 @@ def state(step: int, big: bool) -> dict[str, Any]:
 
 def main() -> None:
     endpoint, url = sys.argv[1], sys.argv[2]
-    real = checkpoint_module._write_file
+    real = parts_module._write_file
     printing = threading.Lock()  # files finish in parallel threads: one whole line each
 
     def reporting(*args: Any, **kwargs: Any) -> Any:
@@ -43,7 +43,7 @@ def main() -> None:
     with runstate.CheckpointManager(url, storage_options=s3_options(endpoint), keep_last=None) as mgr:
         mgr.save(1, state(1, big=False), force=True)
         print("committed 1", flush=True)
-        checkpoint_module._write_file = reporting  # type: ignore[assignment]
+        parts_module._write_file = reporting  # type: ignore[assignment]
         mgr.save(2, state(2, big=True), force=True)
         print("committed 2", flush=True)
 

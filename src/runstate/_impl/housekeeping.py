@@ -5,7 +5,8 @@ policy, a checkpoint found damaged is set aside before its step is saved again, 
 rollback sets the abandoned branch aside. Invariant: a committed checkpoint leaves the run
 only through retention (deleted), or set aside under a name no reader takes for a step
 (``step-N.corrupt-T`` when damaged, ``step-N.abandoned-<12 hex>`` after a rollback), where
-it stays until the user removes it.
+it stays until the user removes it. Those names are made and parsed by :mod:`runstate.storage`
+(``Store.set_aside_damaged``, ``Store.set_aside``, ``Store.list_aside``), never here.
 
 Why a rollback sets steps aside: after ``restore(state, step=100)`` on a run holding 100,
 200 and 300, training goes on from 100. Were 200 and 300 left committed, a restart would
@@ -16,21 +17,17 @@ them and delete step 100 first.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from runstate._impl.reader import CheckpointReader
 from runstate.errors import CheckpointError, CheckpointWriteError, StepExistsError
 from runstate.policies import Retention
-from runstate.storage import Lock, Store, step_dirname
+from runstate.storage import ABANDONED, Lock, Store, step_dirname
 
-__all__ = ["ABANDONED", "RunHousekeeping"]
+__all__ = ["RunHousekeeping"]
 
 logger = logging.getLogger("runstate")
-
-#: The tag of checkpoints of an abandoned branch, set aside by a rollback: ``step-N.abandoned-<12 hex>``.
-ABANDONED = "abandoned"
 
 
 class RunHousekeeping:
@@ -72,6 +69,24 @@ class RunHousekeeping:
         if step not in self.corrupt and self._store.exists(step_dirname(step)):
             raise StepExistsError(f"{self._path(step)} already exists; save under a new step or delete it first")
 
+    def before_save(self, step: int) -> None:
+        """Before ``step`` is written (rank 0): :meth:`claim` it, and set a damaged ``step`` aside.
+
+        Raises:
+            StepExistsError: ``step`` is committed (and not known damaged).
+            CheckpointWriteError: the storage failed.
+        """
+        self.claim(step)
+        self.move_aside_if_corrupt(step)
+
+    def after_save(self, step: int) -> None:
+        """After ``step`` is committed (rank 0): apply retention; a failure is logged, not raised
+        (the new checkpoint is committed: the save did not fail)."""
+        try:
+            self.apply_retention(step)
+        except CheckpointError as exc:
+            logger.warning("step %d is saved, but removing older checkpoints failed: %s", step, exc)
+
     def rolled_back(self, step: int) -> None:
         """``step`` was restored: set every newer committed step aside (now, or before the next save)."""
         if not any(s > step for s in self._store.list_committed()):
@@ -111,11 +126,10 @@ class RunHousekeeping:
         path, name = self._path(step), step_dirname(step)
         if step in self.corrupt and self._store.exists(name):
             try:
-                aside = self._store.rename(name, f"{name}.corrupt-{int(time.time())}")
+                aside = self._store.set_aside_damaged(name)
             except OSError as exc:
-                raise CheckpointWriteError(
-                    exc.errno or 0, f"cannot move the damaged {path} aside to save step {step} again: {exc}"
-                ) from exc
+                message = f"cannot move the damaged {path} aside to save step {step} again: {exc}"
+                raise (CheckpointWriteError(exc.errno, message) if exc.errno else CheckpointWriteError(message)) from exc
             self.corrupt.discard(step)
             logger.warning("moved corrupt checkpoint %s aside to %s before saving step %d again", path, aside, step)
 

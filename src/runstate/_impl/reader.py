@@ -27,7 +27,7 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 
-from runstate._impl.checkpoint import CheckpointInfo
+from runstate._impl.pipeline import CheckpointInfo
 from runstate.adapters import codec_for_lib, object_codecs
 from runstate.errors import CheckpointNotFoundError, CheckpointReadError, CorruptCheckpointError, UnsupportedTypeError
 from runstate.format.depth import stack_room
@@ -120,16 +120,17 @@ def _missing(store: Store) -> CheckpointNotFoundError:
                 f"or pass one of its checkpoints, e.g. {steps[max(steps)]}"
             )
         return CheckpointNotFoundError(f"no checkpoint at {path} (no committed {MANIFEST_NAME} there)")
-    if os.path.isfile(path):
+    kind = store.kind()
+    if kind == "file":
         return CheckpointNotFoundError(
             f"{path} is a file, not a checkpoint directory; pass the directory runstate.save wrote"
         )
-    if os.path.isdir(path):
-        steps_found = sorted(n for n in os.listdir(path) if n.startswith("step-"))
+    if kind == "directory":
+        steps_found = [n for n in store.list_names() if n.startswith("step-")]
         if steps_found:
             return CheckpointNotFoundError(
                 f"{path} is a run directory, not a checkpoint; use CheckpointManager({path!r}).restore(state) "
-                f"or pass one of its checkpoints, e.g. {os.path.join(path, steps_found[-1])}"
+                f"or pass one of its checkpoints, e.g. {store.join(steps_found[-1])}"
             )
         return CheckpointNotFoundError(f"{path} has no {MANIFEST_NAME}; it is not a (committed) runstate checkpoint")
     return CheckpointNotFoundError(f"no checkpoint at {path}")

@@ -51,7 +51,8 @@ def subscribe(signum: int, token: int, callback: Callable[[int], None]) -> None:
 
     Args:
         signum: the signal.
-        token: identifies the subscriber (e.g. ``id(manager)``) for :func:`unsubscribe`.
+        token: identifies the subscriber for :func:`unsubscribe` (a manager's
+            :class:`~runstate._impl.preemption.PreemptionWatcher` passes its ``id``).
         callback: a function that only records the signal.
     """
     with _lock:

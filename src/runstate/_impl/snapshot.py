@@ -1,4 +1,4 @@
-"""Point-in-time snapshots of a prepared state, for saving in the background.
+"""Point-in-time snapshots of a captured state, for saving in the background.
 
 An async save must not write values that training changes after ``save()`` returned, so the
 bytes of every tensor are copied into host buffers first; the background writer then reads
@@ -8,13 +8,12 @@ change size), so memory stays at one copy of the state however many saves happen
 
 from __future__ import annotations
 
-import sys
-import warnings
 from typing import Any
 
 import numpy as np
 
-from runstate._impl.checkpoint import PreparedState
+from runstate._impl.pipeline import Captured
+from runstate.adapters import copy_bytes
 
 __all__ = ["SnapshotPool"]
 
@@ -30,14 +29,13 @@ class SnapshotPool:
         """Bytes held by the pool."""
         return sum(b.nbytes for b in self._buffers.values())
 
-    def snapshot(self, prepared: PreparedState) -> PreparedState:
+    def snapshot(self, captured: Captured) -> Captured:
         """Copy every tensor's bytes into the pool; the blobs then read from the copies.
 
         Must not be called while a previous snapshot is still being written.
         """
-        torch: Any = sys.modules.get("torch")
         used: set[tuple[str, str]] = set()
-        for item, (_tree, enc) in prepared.items.items():
+        for item, (_tree, enc) in captured.items.items():
             for name, blob in enc.blobs.items():
                 key = (item, name)
                 used.add(key)
@@ -45,19 +43,11 @@ class SnapshotPool:
                 if buf is None or buf.nbytes != blob.nbytes:
                     buf = np.empty(blob.nbytes, dtype=np.uint8)
                     self._buffers[key] = buf
-                src = blob.read()
-                if buf.nbytes:
-                    if torch is not None and buf.nbytes >= 1 << 20:
-                        # torch copies large buffers with several threads
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")  # a read-only source buffer is fine to copy from
-                            torch.from_numpy(buf).copy_(torch.frombuffer(src, dtype=torch.uint8))
-                    else:
-                        np.copyto(buf, np.frombuffer(src, dtype=np.uint8))
+                copy_bytes(buf, blob.read())  # a framework may copy large buffers with several threads
                 blob.read = _reader(buf)
         for key in set(self._buffers) - used:
             del self._buffers[key]
-        return prepared
+        return captured
 
 
 def _reader(buf: np.ndarray) -> Any:

@@ -1,118 +1,302 @@
-"""Framework adapters, imported lazily: only when a value of that framework is met.
+"""Framework adapters, found lazily by module name.
 
-``find_codec`` and ``object_codecs`` look at ``sys.modules``: if a framework has not been
-imported by the program, none of its values can be in the state, so it is never imported
-here just to check.
+:data:`KNOWN_ADAPTERS` maps a framework's module name to the adapter that knows it (the way
+fsspec's ``known_implementations`` maps a protocol to a filesystem class). An adapter is
+*active* when its framework module is in ``sys.modules``: if the program has not imported a
+framework, none of its values can be in the state, so it is never imported here just to
+check. Loading is the exception: a checkpoint that holds torch tensors or a JAX key imports
+that framework when it is read (and says which package to install when it is missing).
+
+The functions below are what the core calls; each asks the active adapters in order. A
+third-party framework plugs in with :func:`register_adapter`, without touching the core.
+See :mod:`runstate.adapters.base` for the protocol.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runstate.errors import UnsupportedTypeError
-from runstate.format.tensors import NumpyCodec, TensorCodec
-from runstate.format.tree import CoreObjects, ObjectCodec
+from runstate.adapters.base import (
+    Adapter,
+    BlockPlacement,
+    RestoreContext,
+    StatefulRule,
+    Unavailable,
+    block_placement,
+    without_placement,
+)
+from runstate.errors import CheckpointConfigError, UnsupportedTypeError
+from runstate.format.tensors import TensorBlob, TensorCodec
+from runstate.format.tree import CoreObjects, ObjectCodec, StatefulState
 
-__all__ = ["codec_for_lib", "find_codec", "jax_adapter", "object_codecs", "prepare_loaders"]
+if TYPE_CHECKING:
+    from runstate._impl.group import Group
+    from runstate._impl.reader import CheckpointReader
 
-_NUMPY = NumpyCodec()
+__all__ = [
+    "KNOWN_ADAPTERS",
+    "Adapter",
+    "AdapterSpec",
+    "BlockPlacement",
+    "Unavailable",
+    "active_adapters",
+    "block_placement",
+    "check_like",
+    "codec_for_lib",
+    "copy_bytes",
+    "default_group",
+    "find_codec",
+    "framework_versions",
+    "is_lazy",
+    "is_per_rank_value",
+    "is_sharded_blob",
+    "item_extras",
+    "key_prefixes",
+    "object_codecs",
+    "place_like",
+    "preload_sharded",
+    "prepare_loaders",
+    "register_adapter",
+    "rng_states",
+    "set_rng_state",
+    "stateful_rule",
+    "stateful_source",
+    "unavailable",
+    "without_placement",
+]
 
 
-def _torch_adapter() -> Any:
-    from runstate.adapters import torch as torch_adapter
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Where an adapter lives, and what the registry must know without importing it.
 
-    return torch_adapter
+    Attributes:
+        target: ``"package.module"`` exposing ``ADAPTER``, or the adapter object itself.
+        lib: the tag of the tensors it rebuilds (loading imports it for those).
+        objects: the object kinds it rebuilds, each with its description in words.
+        install: the package to install when a checkpoint needs it and it is missing.
+    """
+
+    target: str | Adapter
+    lib: str | None = None
+    objects: Mapping[str, str] = field(default_factory=dict)
+    install: str = ""
 
 
-def jax_adapter() -> Any:
-    """``runstate.adapters.jax`` when the program has imported jax, else None."""
-    if sys.modules.get("jax") is None:
-        return None
-    from runstate.adapters import jax as jax_module
+#: Framework module name -> its adapter, in the order the core asks them.
+KNOWN_ADAPTERS: dict[str, AdapterSpec] = {
+    "numpy": AdapterSpec("runstate.adapters.numpy", lib="numpy"),
+    "torch": AdapterSpec(
+        "runstate.adapters.torch", lib="torch", objects={"torch.Generator": "a torch.Generator"}, install="torch"
+    ),
+    "torch.distributed": AdapterSpec("runstate.adapters.torch_dist"),
+    "jax": AdapterSpec(
+        "runstate.adapters.jax",
+        lib="jax",
+        objects={"jax.random.key": "a typed JAX PRNG key (jax.random.key)"},
+        install="jax",
+    ),
+    "keras": AdapterSpec("runstate.adapters.keras"),
+}
 
-    return jax_module
+_loaded: dict[str, Adapter] = {}
+
+
+def register_adapter(module: str, spec: AdapterSpec | str | Adapter, *, clobber: bool = False) -> None:
+    """Register the adapter of the framework whose module is named ``module``.
+
+    Args:
+        module: the framework's module name; the adapter is active once it is imported.
+        spec: an :class:`AdapterSpec`, or just the adapter (or the name of its module, which
+            exposes ``ADAPTER``).
+        clobber: replace an adapter already registered for ``module``.
+
+    Raises:
+        CheckpointConfigError: ``module`` already has an adapter and ``clobber`` is False.
+    """
+    if module in KNOWN_ADAPTERS and not clobber:
+        raise CheckpointConfigError(
+            f"register_adapter({module!r}): an adapter is already registered for it; pass clobber=True to replace it"
+        )
+    KNOWN_ADAPTERS[module] = spec if isinstance(spec, AdapterSpec) else AdapterSpec(spec)
+    _loaded.pop(module, None)
+
+
+def _load(module: str) -> Adapter:
+    """The adapter of ``module`` (imports the adapter module, hence its framework)."""
+    adapter = _loaded.get(module)
+    if adapter is None:
+        target = KNOWN_ADAPTERS[module].target
+        if isinstance(target, str):
+            found: Adapter = importlib.import_module(target).ADAPTER
+            adapter = found
+        else:
+            adapter = target
+        _loaded[module] = adapter
+    return adapter
+
+
+def active_adapters() -> Iterator[Adapter]:
+    """The adapters whose framework the program has imported, in registry order."""
+    for module in list(KNOWN_ADAPTERS):
+        if sys.modules.get(module) is not None:  # None: marked missing (sys.modules[name] = None)
+            yield _load(module)
+
+
+# -- saving ---------------------------------------------------------------------------------
 
 
 def find_codec(value: Any) -> TensorCodec | None:
     """The codec for a tensor value, or None when ``value`` is not a tensor."""
-    if isinstance(value, (np.ndarray, np.generic)):
-        return _NUMPY
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(value, torch.Tensor):
-        codec: TensorCodec = _torch_adapter().CODEC
-        return codec
-    jax = sys.modules.get("jax")
-    if jax is not None and isinstance(value, jax.Array):
-        adapter = jax_adapter()
-        if not adapter.is_key(value):  # typed keys are objects (adapter.OBJECTS)
-            jax_codec: TensorCodec = adapter.CODEC
-            return jax_codec
+    for adapter in active_adapters():
+        codec = adapter.tensor_codec(value)
+        if codec is not None:
+            return codec
     return None
+
+
+def item_extras(name: str, value: Any, state: Mapping[str, Any]) -> dict[str, Any]:
+    """Extra fields for the stored tree of item ``name`` (today: an optimizer's ``param_names``,
+    which lets a changed model keep matching its moments)."""
+    extras: dict[str, Any] = {}
+    for adapter in active_adapters():
+        extras.update(adapter.item_extras(name, value, state))
+    return extras
+
+
+def framework_versions() -> dict[str, str]:
+    """The versions of the active frameworks recorded in a manifest (``{"torch": ...}``)."""
+    versions: dict[str, str] = {}
+    for adapter in active_adapters():
+        versions.update(adapter.versions())
+    return versions
+
+
+def is_per_rank_value(value: Any) -> bool:
+    """True for a value each process saves for itself because a framework says so (a data loader)."""
+    return any(adapter.is_per_rank_value(value) for adapter in active_adapters())
+
+
+def default_group(group: Any) -> Group | None:
+    """The process group a framework offers: ``group`` (one of its process groups) wrapped, or
+    its default group when initialized; None for a single process.
+
+    Raises:
+        CheckpointConfigError: ``group`` is given but no imported framework knows it.
+    """
+    for adapter in active_adapters():
+        found = adapter.default_group(group)
+        if found is not None:
+            return found
+    if group is not None:
+        raise CheckpointConfigError(
+            f"group={group!r} is neither a runstate Group nor a process group of an imported framework"
+        )
+    return None
+
+
+def copy_bytes(dst: np.ndarray, src: memoryview) -> None:
+    """Copy ``src`` into the uint8 array ``dst`` of the same size (several threads when a
+    framework offers it, e.g. torch for large buffers)."""
+    if not dst.nbytes:
+        return
+    for adapter in active_adapters():
+        if adapter.copy_bytes(dst, src):
+            return
+    np.copyto(dst, np.frombuffer(src, dtype=np.uint8))
+
+
+def is_sharded_blob(blob: TensorBlob) -> bool:
+    """True for a blob that is one process's block of a sharded tensor (a DTensor)."""
+    return block_placement(blob) is not None
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states of the imported frameworks, by module name (``runstate.RNG``)."""
+    states: dict[str, Any] = {}
+    for module in list(KNOWN_ADAPTERS):
+        if sys.modules.get(module) is not None:
+            state = _load(module).rng_state()
+            if state is not None:
+                states[module] = state
+    return states
+
+
+def set_rng_state(module: str, state: Any) -> None:
+    """Set the global random state of framework ``module`` (imports it: the run that saved used it).
+
+    A name no adapter knows is ignored (a newer runstate's framework).
+    """
+    if module in KNOWN_ADAPTERS:
+        _load(module).set_rng_state(state)
+
+
+# -- loading --------------------------------------------------------------------------------
 
 
 def codec_for_lib(lib: str) -> TensorCodec | None:
-    """The codec that rebuilds tensors tagged ``lib``; None when its framework is missing."""
-    if lib == "numpy":
-        return _NUMPY
-    if lib == "torch":
-        try:
-            codec: TensorCodec = _torch_adapter().CODEC
-        except ImportError:
-            return None
-        return codec
-    if lib == "jax":
-        try:
-            from runstate.adapters import jax as jax_module
-        except ImportError:
-            return None  # read as NumPy arrays
-        jax_codec: TensorCodec = jax_module.CODEC
-        return jax_codec
+    """The codec that rebuilds tensors tagged ``lib``; None when its framework is missing
+    (imports the framework: the checkpoint holds its tensors)."""
+    for module, spec in KNOWN_ADAPTERS.items():
+        if spec.lib == lib:
+            try:
+                return _load(module).codec()
+            except ImportError:
+                return None
     return None
 
 
-class _JaxKeysWhenLoaded:
-    """Rebuilds typed JAX PRNG keys, importing jax only when a checkpoint holds one."""
+class _WhenLoaded:
+    """Rebuilds one adapter's objects, importing its framework only when a checkpoint holds one."""
+
+    def __init__(self, module: str, spec: AdapterSpec) -> None:
+        self.module = module
+        self.spec = spec
 
     def get(self, value: Any) -> tuple[str, Any, dict[str, Any]] | None:
         return None
 
     def make(self, kind: str, state: Any, attrs: dict[str, Any]) -> Any:
-        if kind != "jax.random.key":
+        what = self.spec.objects.get(kind)
+        if what is None:
             raise KeyError(kind)
         try:
-            from runstate.adapters import jax as jax_module
+            objects = _load(self.module).object_codec()
         except ImportError:
             raise UnsupportedTypeError(
-                "this checkpoint holds a typed JAX PRNG key (jax.random.key); install jax to load it"
+                f"this checkpoint holds {what}; install {self.spec.install or self.module} to load it"
             ) from None
-        return jax_module.OBJECTS.make(kind, state, attrs)
-
-    def copy_into(self, target: Any, source: Any) -> bool:
-        return False
-
-
-class _TorchGeneratorsWhenLoaded:
-    """Rebuilds ``torch.Generator`` objects, importing torch only when a checkpoint holds one."""
-
-    def get(self, value: Any) -> tuple[str, Any, dict[str, Any]] | None:
-        return None
-
-    def make(self, kind: str, state: Any, attrs: dict[str, Any]) -> Any:
-        if kind != "torch.Generator":
+        if objects is None:
             raise KeyError(kind)
-        try:
-            objects = _torch_adapter().OBJECTS
-        except ImportError:
-            raise UnsupportedTypeError("this checkpoint holds a torch.Generator; install torch to load it") from None
         return objects.make(kind, state, attrs)
 
     def copy_into(self, target: Any, source: Any) -> bool:
         return False
+
+
+def object_codecs(*, for_loading: bool = False) -> list[ObjectCodec]:
+    """Codecs for objects with state: the core's (Python and NumPy generators) and those of the
+    active adapters; when loading, a stand-in for each other adapter imports its framework
+    only if the checkpoint holds one of its objects."""
+    from runstate.adapters.data import GeneratorObjects
+
+    codecs: list[ObjectCodec] = [CoreObjects(), GeneratorObjects()]
+    for module, spec in list(KNOWN_ADAPTERS.items()):
+        if sys.modules.get(module) is not None:  # None: marked missing (sys.modules[name] = None)
+            with contextlib.suppress(ImportError):
+                objects = _load(module).object_codec()
+                if objects is not None:
+                    codecs.append(objects)
+        elif for_loading and spec.objects:
+            codecs.append(_WhenLoaded(module, spec))
+    return codecs
 
 
 def prepare_loaders(state: Any, *, saving: bool, require_exact: bool = False) -> None:
@@ -124,24 +308,65 @@ def prepare_loaders(state: Any, *, saving: bool, require_exact: bool = False) ->
         data.prepare(state, saving=saving, require_exact=require_exact)
 
 
-def object_codecs(*, for_loading: bool = False) -> list[ObjectCodec]:
-    """Codecs for generator objects; torch's is included when the program has imported torch;
-    when loading without it, a stand-in imports torch only if the checkpoint holds a generator.
+# -- restoring ------------------------------------------------------------------------------
 
-    JAX's (typed PRNG keys) is included when the program has imported jax; when loading
-    without it, a stand-in imports jax only if the checkpoint holds a typed key.
+
+def is_lazy(value: Any) -> bool:
+    """True for a live value whose shape is not known yet (an uninitialized lazy parameter)."""
+    return any(adapter.is_lazy(value) for adapter in active_adapters())
+
+
+def key_prefixes() -> tuple[str, ...]:
+    """Prefixes the frameworks' wrappers add to state_dict keys (``"module."`` for DDP)."""
+    return tuple(prefix for adapter in active_adapters() for prefix in adapter.key_prefixes)
+
+
+def unavailable(value: Any) -> Unavailable | None:
+    """``value`` when it stands for a stored value this machine cannot rebuild, else None."""
+    return value if isinstance(value, Unavailable) else None
+
+
+def place_like(stored: Any, template: Any) -> Any:
+    """A restored value on the device (or sharding) of the live value it replaces."""
+    for adapter in active_adapters():
+        stored = adapter.place_like(stored, template)
+    return stored
+
+
+def check_like(template: Any, restored: Any) -> list[tuple[tuple[Any, ...], str, str]]:
+    """Differences between a live value and the value that replaces it, from every adapter."""
+    problems: list[tuple[tuple[Any, ...], str, str]] = []
+    for adapter in active_adapters():
+        problems.extend(adapter.check_like(template, restored))
+    return problems
+
+
+def preload_sharded(reader: CheckpointReader, item: str, stored_item: str, value: Any, group: Group) -> dict[str, Any]:
+    """Sharded tensors of ``stored_item`` read into the live placement, by tensor name.
+
+    Collective: every process calls it for the same items in the same order.
     """
-    from runstate.adapters.data import GeneratorObjects
+    out: dict[str, Any] = {}
+    for adapter in active_adapters():
+        out.update(adapter.preload_sharded(reader, item, stored_item, value, group))
+    return out
 
-    codecs: list[ObjectCodec] = [CoreObjects(), GeneratorObjects()]
-    if "torch" in sys.modules:
-        with contextlib.suppress(ImportError):
-            codecs.append(_torch_adapter().OBJECTS)
-    elif for_loading:
-        codecs.append(_TorchGeneratorsWhenLoaded())
-    adapter = jax_adapter()
-    if adapter is not None:
-        codecs.append(adapter.OBJECTS)
-    elif for_loading:
-        codecs.append(_JaxKeysWhenLoaded())
-    return codecs
+
+def stateful_rule(obj: Any) -> StatefulRule:
+    """How a stateful object is checked and loaded: its framework's rule, else the default
+    (its class must match the stored one; loaded only when everything matches)."""
+    for adapter in active_adapters():
+        rule = adapter.stateful_rule(obj)
+        if rule is not None:
+            return rule
+    return StatefulRule()
+
+
+def stateful_source(obj: Any, stored: StatefulState, path: tuple[Any, ...], ctx: RestoreContext) -> Any:
+    """The state to load into ``obj``: adapted by its framework (an optimizer's, matched by
+    parameter name), else ``stored.state``; problems go to ``ctx``."""
+    for adapter in active_adapters():
+        source = adapter.stateful_source(obj, stored, path, ctx)
+        if source is not stored.state:
+            return source
+    return stored.state

@@ -132,7 +132,7 @@ def prepare(state: Mapping[str, Any], *, saving: bool, require_exact: bool = Fal
         UnsupportedTypeError: ``saving`` and ``require_exact``, and a loader cannot resume exactly.
     """
     torch_data: Any = None
-    if "torch" in sys.modules:
+    if sys.modules.get("torch") is not None:  # None: marked not installed
         from runstate.adapters import torch_data
     for key, item in state.items():
         for name, leaf in _walk(unwrap(item), f"state[{key!r}]"):

@@ -24,10 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runstate.adapters.base import Adapter, Problem
 from runstate.errors import UnsupportedTypeError
-from runstate.format.tensors import NumpyCodec, TensorBlob
+from runstate.format.tensors import NumpyCodec, TensorBlob, TensorCodec
+from runstate.format.tree import ObjectCodec
 
-__all__ = ["CODEC", "OBJECTS", "JaxCodec", "JaxObjects", "check_like", "is_key", "place_like"]
+__all__ = ["ADAPTER", "CODEC", "OBJECTS", "JaxAdapter", "JaxCodec", "JaxObjects", "check_like", "is_key", "place_like"]
 
 _NUMPY = NumpyCodec()
 _KEY_KIND = "jax.random.key"
@@ -168,3 +170,30 @@ def _key(k: Any) -> Any:
         if hasattr(k, attr):
             return getattr(k, attr)
     return str(k)
+
+
+class JaxAdapter(Adapter):
+    """jax arrays (replaced on restore, placed on the live sharding, checked as pytrees) and keys."""
+
+    name = "jax"
+    lib = "jax"
+
+    def tensor_codec(self, value: Any) -> TensorCodec | None:
+        if isinstance(value, jax.Array) and not is_key(value):  # typed keys are objects (OBJECTS)
+            return CODEC
+        return None
+
+    def object_codec(self) -> ObjectCodec | None:
+        return OBJECTS
+
+    def codec(self) -> TensorCodec | None:
+        return CODEC
+
+    def place_like(self, stored: Any, template: Any) -> Any:
+        return place_like(stored, template)
+
+    def check_like(self, template: Any, restored: Any) -> list[Problem]:
+        return check_like(template, restored)
+
+
+ADAPTER = JaxAdapter()

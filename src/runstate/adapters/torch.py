@@ -1,20 +1,36 @@
 """PyTorch adapter: tensors, ``torch.Generator``, and the checks that make restores safe.
 
-Imported only when a torch value is met, so ``import runstate`` never imports torch.
+Active once the program imports torch (``import runstate`` never imports it). Optimizer and
+scheduler checks live in :mod:`runstate.adapters.torch_optim`, process groups and sharded
+tensors in :mod:`runstate.adapters.torch_dist`.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from runstate.adapters import torch_optim
+from runstate.adapters.base import Adapter, RestoreContext, StatefulRule, Unavailable
 from runstate.errors import UnsupportedTypeError
-from runstate.format.tensors import TensorBlob
+from runstate.format.tensors import TensorBlob, TensorCodec
+from runstate.format.tree import ObjectCodec, StatefulState
 
-__all__ = ["CODEC", "OBJECTS", "TorchCodec", "TorchObjects", "check_optimizer", "place_like"]
+__all__ = [
+    "ADAPTER",
+    "CODEC",
+    "OBJECTS",
+    "TorchAdapter",
+    "TorchCodec",
+    "TorchObjects",
+    "UnavailableGenerator",
+]
 
 _TORCH_TO_CODE: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -131,7 +147,9 @@ def _dtensor_blob(t: Any, where: str) -> TensorBlob:
         c == 0 for c, p in zip(coordinate, t.placements, strict=True) if not p.is_shard()
     )
     if any(p.is_partial() for p in t.placements):
-        raise UnsupportedTypeError(f"{where}: a DTensor with a Partial placement holds no final values; reduce it first")
+        raise UnsupportedTypeError(
+            f"{where}: a DTensor with a Partial placement holds no final values; reduce it first"
+        )
     blob = CODEC.to_blob(local, where)
     if "lib_dtype" in blob.meta:
         raise UnsupportedTypeError(f"{where}: a sharded {t.dtype} tensor cannot be stored (no safetensors dtype)")
@@ -159,7 +177,7 @@ class TorchObjects:
         device = str(attrs.get("device", "cpu"))
         missing = _missing_device(device)
         if missing is not None:  # not damage: restore decides (strict: an error; else skipped)
-            return UnavailableGenerator(device, missing)
+            return UnavailableGenerator(f"a torch.Generator on {device}", missing, device)
         gen = torch.Generator(device=device)
         gen.set_state(state)
         return gen
@@ -172,7 +190,7 @@ class TorchObjects:
 
 
 @dataclass(frozen=True)
-class UnavailableGenerator:
+class UnavailableGenerator(Unavailable):
     """What a stored ``torch.Generator`` of a device this machine lacks decodes to.
 
     A CUDA generator's state cannot be put into a CPU generator (the states differ in size and
@@ -181,11 +199,9 @@ class UnavailableGenerator:
 
     Attributes:
         device: the stored generator's device (``"cuda:0"``).
-        reason: why it cannot be rebuilt here, as a sentence.
     """
 
-    device: str
-    reason: str
+    device: str = ""
 
 
 def _missing_device(device: str) -> str | None:
@@ -210,233 +226,87 @@ def is_lazy(value: Any) -> bool:
 CODEC = TorchCodec()
 OBJECTS = TorchObjects()
 
-# Optimizer state buffers that always have the shape of their parameter.
-_PARAM_SHAPED = (
-    "exp_avg",
-    "exp_avg_sq",
-    "max_exp_avg_sq",
-    "momentum_buffer",
-    "square_avg",
-    "sum",
-    "acc_delta",
-    "grad_avg",
-    "ax",
-    "prev",
-)
+
+logger = logging.getLogger("runstate")
+
+_MODULE_RULE = StatefulRule(check_class=False, compare_kinds=True, partial_load=True)
+_COPY_THREADS_FROM = 1 << 20  # torch copies buffers this large with several threads
 
 
-def is_module(obj: Any) -> bool:
-    return isinstance(obj, torch.nn.Module)
+class TorchAdapter(Adapter):
+    """torch tensors, generators, modules, optimizers, schedulers and data loaders."""
 
+    name = "torch"
+    lib = "torch"
+    key_prefixes = ("module.", "_orig_mod.")  # DDP / FSDP1, torch.compile
 
-def is_optimizer(obj: Any) -> bool:
-    return isinstance(obj, torch.optim.Optimizer)
+    def tensor_codec(self, value: Any) -> TensorCodec | None:
+        return CODEC if isinstance(value, torch.Tensor) else None
 
+    def object_codec(self) -> ObjectCodec | None:
+        return OBJECTS
 
-def _hashable(value: Any) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
+    def item_extras(self, name: str, value: Any, state: Mapping[str, Any]) -> dict[str, Any]:
+        names = torch_optim.optimizer_param_names(value, state)
+        return {} if names is None else {"param_names": names}  # a changed model keeps matching moments
 
+    def versions(self) -> dict[str, str]:
+        return {"torch": str(torch.__version__)}
 
-def is_optimizer_state(stored: Any) -> bool:
-    """True when ``stored`` has the shape of an optimizer state_dict (checkpoints are untrusted)."""
-    groups = stored.get("param_groups") if isinstance(stored, dict) else None
-    return (
-        isinstance(groups, list)
-        and all(isinstance(g, dict) and isinstance(g.get("params", []), list) for g in groups)
-        and isinstance(stored.get("state"), dict)
-        and all(_hashable(i) for g in groups for i in g.get("params", []))
-    )
+    def is_per_rank_value(self, value: Any) -> bool:
+        return isinstance(value, torch.utils.data.DataLoader)  # torchdata's StatefulDataLoader too
 
+    def copy_bytes(self, dst: np.ndarray, src: memoryview) -> bool:
+        if dst.nbytes < _COPY_THREADS_FROM:
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a read-only source buffer is fine to copy from
+            torch.from_numpy(dst).copy_(torch.frombuffer(src, dtype=torch.uint8))
+        return True
 
-def check_optimizer(opt: torch.optim.Optimizer, stored: Any, where: str) -> list[str]:
-    """Problems that would make ``opt.load_state_dict(stored)`` wrong or fail."""
-    problems: list[str] = []
-    if not is_optimizer_state(stored):  # a checkpoint is data from anywhere: its shape is checked before use
-        return [f"{where}: the checkpoint does not hold an optimizer state_dict"]
-    groups = stored["param_groups"]
-    if len(groups) != len(opt.param_groups):
-        return [
-            f"{where}['param_groups']: checkpoint has {len(groups)} param groups, "
-            f"the optimizer has {len(opt.param_groups)}"
-        ]
-    params: dict[Any, torch.Tensor] = {}
-    for i, (saved, live) in enumerate(zip(groups, opt.param_groups, strict=True)):
-        ids = saved.get("params", [])
-        if len(ids) != len(live["params"]):
-            problems.append(
-                f"{where}['param_groups'][{i}]: checkpoint has {len(ids)} parameters, "
-                f"the optimizer has {len(live['params'])}"
+    def rng_state(self) -> Any:
+        cuda = []
+        cuda_module: Any = torch.cuda  # is_initialized() has no type hints
+        if cuda_module.is_available() and cuda_module.is_initialized():
+            cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+        return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+    def set_rng_state(self, state: Any) -> None:
+        torch.set_rng_state(state["cpu"].to("cpu"))
+        cuda = state.get("cuda") or []
+        here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        for i, s in enumerate(cuda[:here]):
+            torch.cuda.set_rng_state(s.to("cpu"), i)
+        if len(cuda) > here:
+            # Nothing here draws from a device this machine lacks, so the rest still resumes
+            # exactly; a later checkpoint no longer holds those devices' states.
+            logger.warning(
+                "runstate.RNG: the checkpoint holds the random state of %d CUDA device(s), this machine "
+                "has %d: the state of %d device(s) is not restored",
+                len(cuda),
+                here,
+                len(cuda) - here,
             )
-            continue
-        params.update(zip(ids, live["params"], strict=True))
-    for pid, buffers in stored["state"].items():
-        param = params.get(pid)
-        if param is None or not isinstance(buffers, dict):
-            continue
-        for key in _PARAM_SHAPED:
-            buf = buffers.get(key)
-            if isinstance(buf, torch.Tensor) and buf.dim() > 0 and tuple(buf.shape) != tuple(param.shape):
-                problems.append(
-                    f"{where}['state'][{pid!r}][{key!r}]: shape {tuple(buf.shape)} in checkpoint, "
-                    f"parameter has shape {tuple(param.shape)}"
-                )
-    return problems
+
+    def codec(self) -> TensorCodec | None:
+        return CODEC
+
+    def is_lazy(self, value: Any) -> bool:
+        return is_lazy(value)
+
+    def stateful_rule(self, obj: Any) -> StatefulRule | None:
+        # A module is checked by its keys, shapes and dtypes, not its class: wrappers (DDP,
+        # torch.compile), lazy modules that change class, and renamed model classes load fine.
+        return _MODULE_RULE if isinstance(obj, torch.nn.Module) else None
+
+    def stateful_source(self, obj: Any, stored: StatefulState, path: tuple[Any, ...], ctx: RestoreContext) -> Any:
+        return torch_optim.restore_source(obj, stored, path, ctx)
+
+    def place_like(self, stored: Any, template: Any) -> Any:
+        """Move a restored tensor to the template's device (restored tensors load on CPU)."""
+        if isinstance(stored, torch.Tensor) and isinstance(template, torch.Tensor) and stored.device != template.device:
+            return stored.to(template.device)
+        return stored
 
 
-def check_scheduler(sched: Any, stored: Any, where: str) -> list[str]:
-    """Problems of an LR scheduler's stored state: its per-group lists must fit the optimizer.
-
-    A scheduler's ``base_lrs`` (``min_lrs`` for ``ReduceLROnPlateau``) has one entry per param
-    group; loaded for another number of groups it is accepted, and wrong at the next step.
-    """
-    optimizer = getattr(sched, "optimizer", None)
-    if not isinstance(optimizer, torch.optim.Optimizer) or not isinstance(stored, dict):
-        return []
-    groups = len(optimizer.param_groups)
-    return [
-        f"{where}[{key!r}]: the checkpoint's scheduler drives {len(stored[key])} param groups, the live "
-        f"optimizer has {groups}"
-        for key in ("base_lrs", "min_lrs")
-        if isinstance(stored.get(key), list) and len(stored[key]) != groups
-    ]
-
-
-def place_like(stored: Any, template: Any) -> Any:
-    """Move a restored tensor to the template's device (restored tensors load on CPU)."""
-    if isinstance(stored, torch.Tensor) and isinstance(template, torch.Tensor) and stored.device != template.device:
-        return stored.to(template.device)
-    return stored
-
-
-def module_param_names(state: Any) -> dict[int, str]:
-    """``id(parameter) -> "item.name"`` for every module among the state's top-level items."""
-    names: dict[int, str] = {}
-    for item, value in state.items():
-        if isinstance(value, torch.nn.Module):
-            for name, param in value.named_parameters(remove_duplicate=False):
-                names.setdefault(id(param), f"{item}.{name}")
-    return names
-
-
-def optimizer_param_names(value: Any, state: Any) -> list[list[str | None]] | None:
-    """The names of an optimizer's parameters, group by group, or None if not an optimizer
-    or none of its parameters belongs to a module of the state."""
-    if not isinstance(value, torch.optim.Optimizer):
-        return None
-    names = module_param_names(state)
-    out = [[names.get(id(p)) for p in group["params"]] for group in value.param_groups]
-    return out if any(n is not None for group in out for n in group) else None
-
-
-def valid_param_names(names: Any) -> bool:
-    """True for a well-formed list of groups of str-or-None names (checkpoints are untrusted)."""
-    return isinstance(names, list) and all(
-        isinstance(g, list) and all(n is None or isinstance(n, str) for n in g) for g in names
-    )
-
-
-def _match_groups(
-    live_names: list[list[str | None]], stored_names: list[list[str | None]]
-) -> list[int | str]:
-    """For each live param group, the stored group it restores from, or why there is none.
-
-    Groups are matched by their parameters' names, never by position: a live group matches
-    the one stored group that holds all of its named parameters (parameters new to the model
-    do not count), when no other live group matches it too. A group of parameters outside
-    every module (no names at all) matches the stored group at its position if that one has
-    no names either.
-    """
-    group_of: dict[str, int] = {}
-    for gi, names in enumerate(stored_names):
-        for name in names:
-            if name is not None:
-                group_of[name] = gi
-    found: list[set[int]] = [{group_of[n] for n in names if n is not None and n in group_of} for names in live_names]
-    out: list[int | str] = []
-    for gi, (names, groups) in enumerate(zip(live_names, found, strict=True)):
-        if len(groups) == 1:
-            out.append(next(iter(groups)))
-        elif len(groups) > 1:
-            out.append(f"its parameters come from {len(groups)} param groups of the checkpoint {sorted(groups)}")
-        elif all(n is None for n in names) and gi < len(stored_names) and all(n is None for n in stored_names[gi]):
-            out.append(gi)
-        else:
-            out.append("none of its parameters is in the checkpoint")
-    claims: dict[int, list[int]] = {}
-    for gi, match in enumerate(out):
-        if isinstance(match, int):
-            claims.setdefault(match, []).append(gi)
-    for match, live_groups in claims.items():
-        if len(live_groups) > 1:
-            for gi in live_groups:
-                out[gi] = f"live groups {live_groups} all come from param group {match} of the checkpoint"
-    return out
-
-
-def remap_optimizer_state(
-    opt: torch.optim.Optimizer,
-    stored: dict[str, Any],
-    stored_names: list[list[str | None]],
-    live_names: list[list[str | None]],
-) -> tuple[dict[str, Any], list[str], list[str], list[str], list[tuple[int, str]]]:
-    """Rebuild a stored optimizer state_dict for the live parameters, matching by name.
-
-    Parameters and param groups are both matched by name: the hyper-parameters (``lr``,
-    ``weight_decay``...) of a live group come from the stored group holding its parameters,
-    wherever the groups are in the list. A live group that matches no stored group
-    one-to-one keeps its live hyper-parameters and is reported.
-
-    Returns:
-        The state_dict to load; the names of the parameters that kept their state, that are
-        new (fresh state) and that are gone (their state dropped); and, per live group that
-        matches no stored group, its index and why.
-    """
-    stored_groups = stored["param_groups"]
-    stored_state = stored["state"]
-    stored_names = [list(names) for names in stored_names[: len(stored_groups)]]
-    stored_names += [[] for _ in range(len(stored_groups) - len(stored_names))]
-    by_name: dict[str, Any] = {}
-    for names, group in zip(stored_names, stored_groups, strict=True):
-        for name, pid in zip(names, group.get("params", []), strict=False):
-            if name is not None:
-                by_name[name] = pid
-    sources = _match_groups(live_names, stored_names)
-    kept: list[str] = []
-    new: list[str] = []
-    groups: list[dict[str, Any]] = []
-    state: dict[int, Any] = {}
-    unmatched: list[tuple[int, str]] = []
-    index = 0
-    for gi, live in enumerate(opt.param_groups):
-        match = sources[gi]
-        if isinstance(match, int):
-            source = stored_groups[match]
-        else:
-            source = live
-            unmatched.append((gi, match))
-        ids = []
-        for param, name in zip(live["params"], live_names[gi], strict=True):
-            ids.append(index)
-            pid = by_name.get(name) if name is not None else None
-            buffers = stored_state.get(pid) if pid is not None else None
-            if isinstance(buffers, dict) and all(
-                not (
-                    isinstance(buffers.get(k), torch.Tensor)
-                    and buffers[k].dim() > 0
-                    and tuple(buffers[k].shape) != tuple(param.shape)
-                )
-                for k in _PARAM_SHAPED
-            ):
-                state[index] = buffers
-                kept.append(str(name))
-            else:
-                new.append(str(name) if name is not None else f"group {gi} #{len(ids) - 1}")
-            index += 1
-        groups.append({**{k: v for k, v in source.items() if k != "params"}, "params": ids})
-    live_set = {n for g in live_names for n in g if n is not None}
-    gone = sorted(n for n in by_name if n not in live_set)
-    return {"state": state, "param_groups": groups}, kept, new, gone, unmatched
+ADAPTER = TorchAdapter()

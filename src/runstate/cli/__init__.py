@@ -1,23 +1,30 @@
-"""The ``runstate`` command line. It only calls the public API.
+"""The ``runstate`` command line: a thin layer over the public API.
 
-Each command lives in its own module with a ``register(subparsers)`` function that adds its
-parser and sets ``func`` (``args -> exit code``). Errors are one line on stderr and a non-zero
-exit code, never a traceback: a ``CheckpointError`` exits 2, anything unexpected (a bug, or
-a resource failure no command anticipated) exits 3 with its one-line summary; ``--debug``
-adds the traceback.
+Why it stays thin: every command calls only what a program can call (the names in
+``runstate.__all__``, plus ``runstate.demo`` for ``runstate demo``), so what ``ls``, ``show``,
+``verify`` or ``gc`` report is exactly what the library sees. What a path on the command line
+is (missing, a file, a checkpoint, a run directory) is asked of a ``runstate.storage`` Store;
+the CLI never reaches into the format, adapters or engine (``runstate._impl``) layers.
+
+Each command lives in its own module (:data:`COMMAND_MODULES`) with a ``register(subparsers)``
+function that adds its parser and sets ``func`` (``args -> exit code``). Path arguments get
+``~`` expanded as a shell would. Errors are one line on stderr and a non-zero exit code, never
+a traceback: a ``CheckpointError`` exits 2, Ctrl-C 130, anything unexpected (a bug, or a
+resource failure no command anticipated) exits 3 with its one-line summary; ``--debug`` adds
+the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import traceback
 from collections.abc import Sequence
 
 import runstate
 from runstate.cli._output import fail
+from runstate.storage import local_path
 
 __all__ = ["main"]
 
@@ -68,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in _PATH_ARGS:
         value = getattr(args, name, None)
         if isinstance(value, str) and value.startswith("~"):
-            setattr(args, name, os.path.expanduser(value))
+            setattr(args, name, local_path(value))  # also where no shell expanded it (-o=~/ckpt)
     try:
         code: int = args.func(args)
     except runstate.CheckpointError as exc:

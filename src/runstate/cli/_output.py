@@ -40,7 +40,6 @@ __all__ = [
     "print_json",
     "print_table",
     "rich_available",
-    "tree_size",
 ]
 
 #: A table cell: its text, or ``(text, style)`` where style is a rich style (ignored without rich).
@@ -131,23 +130,6 @@ def human_bytes(n: int) -> str:
         if value < 1024 or unit == "PiB":
             break
     return f"{value:.1f} {unit}"
-
-
-def tree_size(path: str) -> int:
-    """Bytes in the files under ``path`` (a directory or a file; 0 when it vanished)."""
-    if not os.path.isdir(path) or os.path.islink(path):
-        try:
-            return os.lstat(path).st_size
-        except OSError:
-            return 0
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                continue
-    return total
 
 
 def format_time(iso: str) -> str:

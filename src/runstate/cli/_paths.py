@@ -8,10 +8,10 @@ A command that reads one checkpoint takes either the checkpoint directory itself
 from __future__ import annotations
 
 import argparse
-import os
 
 import runstate
 from runstate.cli._output import fail
+from runstate.storage import LocalStore
 
 __all__ = [
     "LATEST",
@@ -64,11 +64,13 @@ def check_run_directory(command: str, directory: str) -> int | None:
     """None when ``directory`` can be a run directory; else print an error and return exit code 2."""
     if _is_url(directory):  # a URL (s3://bucket/run): the library reports what is wrong with it
         return None
-    if not os.path.exists(directory):
+    store = LocalStore(directory)
+    kind = store.kind()
+    if kind is None:
         return fail(command, f"no such directory: {directory}")
-    if not os.path.isdir(directory):
+    if kind != "directory":
         return fail(command, f"{directory} is a file, not a run directory")
-    if os.path.lexists(os.path.join(directory, MANIFEST)):
+    if store.exists(MANIFEST):
         return fail(command, f"{directory} is a checkpoint, not a run directory; try: runstate show {directory}")
     return None
 
@@ -79,7 +81,8 @@ def check_checkpoint(command: str, path: str) -> int | None:
     A run directory gets a hint naming its newest checkpoint and ``--step latest``. Anything
     subtler (a damaged manifest) is left to the library, which reports it precisely.
     """
-    if os.path.isdir(path) and not os.path.lexists(os.path.join(path, MANIFEST)):
+    store = None if _is_url(path) else LocalStore(path)
+    if store is not None and store.kind() == "directory" and not store.exists(MANIFEST):
         with runstate.CheckpointManager(path, read_only=True) as mgr:
             latest = mgr.latest_step()
             if latest is not None:
@@ -94,7 +97,7 @@ def check_checkpoint(command: str, path: str) -> int | None:
 def is_checkpoint(path: str) -> bool:
     """True when ``path`` holds a manifest (for a URL: when it can be inspected as a checkpoint)."""
     if not _is_url(path):
-        return os.path.lexists(os.path.join(path, MANIFEST))
+        return LocalStore(path).exists(MANIFEST)
     try:
         runstate.inspect(path)
     except runstate.CheckpointNotFoundError:
@@ -123,9 +126,10 @@ def resolve_checkpoint(command: str, path: str, step: StepChoice, *, option: str
         error = check_checkpoint(command, path)
         return path if error is None else error
     if not _is_url(path):
-        if not os.path.exists(path):
+        kind = LocalStore(path).kind()
+        if kind is None:
             return fail(command, f"no such run directory: {path}")
-        if not os.path.isdir(path):
+        if kind != "directory":
             return fail(command, f"{path} is a file; {option} needs a run directory")
     if is_checkpoint(path):
         return fail(

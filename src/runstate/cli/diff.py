@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 import runstate
+from runstate.cli._commands import add_command, add_json_option
 from runstate.cli._output import Progress, echo, fail, format_value, guarded, print_json, print_table
 from runstate.cli._paths import add_step_option, is_checkpoint, resolve_checkpoint
 
@@ -308,6 +309,43 @@ def _resolve(args: argparse.Namespace) -> tuple[str, str] | int:
     return out[0], out[1]
 
 
+def _print_human(
+    paths: tuple[str, str],
+    steps: tuple[int | None, int | None],
+    atol: float,
+    ignore: Sequence[str],
+    result: Comparison,
+    counts: dict[str, int],
+) -> None:
+    """The tables of ``runstate diff`` (without ``--json``), but the closing "equal" line."""
+    for label, path, step in zip("AB", paths, steps, strict=True):
+        echo(f"{label}  {path}  ({'no step' if step is None else f'step {format_value(step)}'})")
+    tolerance = "bit-exact" if atol == 0 else f"atol {atol:g}"
+    echo(f"tensors ({tolerance}): " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if ignore:
+        shown = ", ".join(result.ignored[:8]) + (", ..." if len(result.ignored) > 8 else "")
+        echo(f"ignored ({len(result.ignored)}): {shown or 'nothing'}")
+        for pattern in result.unmatched:
+            echo(f"note: --ignore {pattern!r} matched nothing")
+    differing = [t for t in result.tensors if t.status != EQUAL]
+    notes = any(t.note for t in differing)
+    rows = [
+        [t.path, t.status, t.dtype or "", str(t.shape), _fmt(t.max_abs), _fmt(t.max_rel)]
+        + ([t.note or ""] if notes else [])
+        for t in differing
+    ]
+    if rows:
+        print_table(
+            ["tensor", "status", "dtype", "shape", "max abs diff", "max rel diff"] + (["note"] if notes else []),
+            rows,
+            title="tensors that differ",
+            right=(4, 5),
+        )
+    if result.values:
+        rows = [[v.path, v.status, v.a or "", v.b or ""] for v in result.values]
+        print_table(["value", "status", "A", "B"], rows, title="other values that differ")
+
+
 @guarded("diff")
 def _diff(args: argparse.Namespace) -> int:
     if not (args.atol >= 0 and math.isfinite(args.atol)):
@@ -343,32 +381,7 @@ def _diff(args: argparse.Namespace) -> int:
             }
         )
         return 1 if differs else 0
-    for label, path, step in (("A", path_a, steps[0]), ("B", path_b, steps[1])):
-        echo(f"{label}  {path}  ({'no step' if step is None else f'step {format_value(step)}'})")
-    tolerance = "bit-exact" if args.atol == 0 else f"atol {args.atol:g}"
-    echo(f"tensors ({tolerance}): " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    if ignore:
-        shown = ", ".join(result.ignored[:8]) + (", ..." if len(result.ignored) > 8 else "")
-        echo(f"ignored ({len(result.ignored)}): {shown or 'nothing'}")
-        for pattern in result.unmatched:
-            echo(f"note: --ignore {pattern!r} matched nothing")
-    differing = [t for t in tensors if t.status != EQUAL]
-    notes = any(t.note for t in differing)
-    rows = [
-        [t.path, t.status, t.dtype or "", str(t.shape), _fmt(t.max_abs), _fmt(t.max_rel)]
-        + ([t.note or ""] if notes else [])
-        for t in differing
-    ]
-    if rows:
-        print_table(
-            ["tensor", "status", "dtype", "shape", "max abs diff", "max rel diff"] + (["note"] if notes else []),
-            rows,
-            title="tensors that differ",
-            right=(4, 5),
-        )
-    if values:
-        rows = [[v.path, v.status, v.a or "", v.b or ""] for v in values]
-        print_table(["value", "status", "A", "B"], rows, title="other values that differ")
+    _print_human((path_a, path_b), steps, args.atol, ignore, result, counts)
     if not differs:
         echo("the checkpoints are equal" + (" (apart from what --ignore left out)" if result.ignored else ""))
     return 1 if differs else 0
@@ -376,10 +389,8 @@ def _diff(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``diff`` subcommand."""
-    p = sub.add_parser(
-        "diff",
-        help="compare two checkpoints tensor by tensor (exit 0 when equal, 1 when not)",
-        description=(__doc__ or "").split("\n\n")[1],
+    p = add_command(
+        sub, "diff", _diff, help="compare two checkpoints tensor by tensor (exit 0 when equal, 1 when not)", doc=__doc__
     )
     p.add_argument("a", metavar="A", help="a checkpoint directory, or a run directory with --step / --step-a")
     p.add_argument("b", metavar="B", help="another checkpoint directory, or a run directory with --step / --step-b")
@@ -400,5 +411,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="X",
         help="tensors whose values differ by at most X are equal (default 0: bit-exact)",
     )
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.set_defaults(func=_diff)
+    add_json_option(p)

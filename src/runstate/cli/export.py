@@ -6,26 +6,27 @@ Only ITEM's tensors are read (and their checksums verified); non-tensor values o
 (an optimizer's learning rates...) are left out. ``--dtype`` casts floating-point tensors
 (integer and bool tensors keep their dtype). The file is written to a temporary name and
 renamed when complete; an existing FILE is only replaced with ``--force``. CKPT is a checkpoint
-directory, or a run directory with ``--step N`` or ``--step latest``.
+directory, or a run directory with ``--step N`` or ``--step latest``. With ``--hf``, ``-o``
+names a directory that gets ``config.json`` and ``model.safetensors`` for Hugging Face's
+``from_pretrained`` (ITEM defaults to model; see docs/huggingface.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import logging
-import os
 import sys
-import uuid
 from typing import Any
 
 import numpy as np
 
 import runstate
+from runstate.cli._commands import add_command
 from runstate.cli._output import Progress, echo, fail, guarded, human_bytes
 from runstate.cli._paths import add_step_option, resolve_checkpoint
 from runstate.cli.diff import c_array
+from runstate.storage import LocalStore, atomic_file
 
 __all__ = ["flatten", "register"]
 
@@ -109,8 +110,7 @@ def _why_not_written(tensors: dict[str, Any], exc: Exception) -> str:
 
 
 def _write(tensors: dict[str, Any], fmt: str, path: str, metadata: dict[str, str]) -> None:
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
+    with atomic_file(path) as tmp:  # a reader sees the old file or the whole new one
         if fmt == "pt":
             from safetensors.torch import save_file as save_torch
 
@@ -119,12 +119,27 @@ def _write(tensors: dict[str, Any], fmt: str, path: str, metadata: dict[str, str
             from safetensors.numpy import save_file as save_numpy
 
             save_numpy(tensors, tmp, metadata={"format": "np", **metadata})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+
+
+def _export_hf(ckpt: str, args: argparse.Namespace) -> int:
+    """``--hf``: ``config.json`` + ``model.safetensors`` for ``from_pretrained`` (runstate.hf.export_pretrained)."""
+    from runstate.hf import export_pretrained
+
+    out: str = args.output
+    target = LocalStore(out)
+    if target.kind() == "file":
+        return fail("export", f"{out} is a file; --hf writes a directory (config.json and model.safetensors)")
+    if target.exists("model.safetensors") and not args.force:
+        return fail("export", f"{out} already holds a model.safetensors; pass --force to replace it")
+    if args.dtype:
+        return fail("export", "--dtype cannot be combined with --hf: the export keeps the stored dtypes")
+    item = args.item or "model"
+    try:
+        export_pretrained(ckpt, out, item=item)
+    except runstate.CheckpointConfigError as exc:
+        return fail("export", str(exc))
+    echo(f"wrote {out}: config.json and model.safetensors of item {item!r}, for from_pretrained")
+    return 0
 
 
 @guarded("export")
@@ -132,6 +147,10 @@ def _export(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint("export", args.ckpt, args.step)
     if isinstance(ckpt, int):
         return ckpt
+    if args.hf:
+        return _export_hf(ckpt, args)
+    if args.item is None:
+        return fail("export", "give the ITEM to export, e.g. model (or --hf for a from_pretrained directory)")
     contents = runstate.inspect(ckpt)  # reads the manifest only: fails fast, before any tensor
     if args.item not in contents.items:
         return fail("export", f"{ckpt} has no item {args.item!r}; its items are {', '.join(contents.items)}")
@@ -139,11 +158,10 @@ def _export(args: argparse.Namespace) -> int:
     if not item.tensors:
         return fail("export", f"item {args.item!r} of {ckpt} holds no tensors ({item.type}); nothing to export")
     out: str = args.output
-    if os.path.isdir(out):
-        return fail(
-            "export", f"{out} is a directory; give the file to write, e.g. {os.path.join(out, 'model.safetensors')}"
-        )
-    if os.path.lexists(out) and not args.force:
+    target = LocalStore(out)
+    if target.kind() == "directory":
+        return fail("export", f"{out} is a directory; give the file to write, e.g. {target.join('model.safetensors')}")
+    if target.exists() and not args.force:
         return fail("export", f"{out} already exists; pass --force to replace it")
     dtype = _DTYPES[args.dtype] if args.dtype else None
     if dtype == "bfloat16" and importlib.util.find_spec("torch") is None:
@@ -166,7 +184,7 @@ def _export(args: argparse.Namespace) -> int:
                 _write(converted, fmt, out, metadata)
             except (ValueError, TypeError, RuntimeError, KeyError, SafetensorError) as exc:  # refusing a dtype...
                 return fail("export", f"cannot write {out}: {_why_not_written(converted, exc)}")
-    size = os.path.getsize(out)
+    size = target.size()
     cast = f", floating tensors as {dtype}" if dtype else ""
     echo(f"wrote {out}: {len(converted)} tensors of item {args.item!r}, {human_bytes(size)}{cast}")
     return 0
@@ -174,17 +192,23 @@ def _export(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``export`` subcommand."""
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "export",
+        _export,
         help="write one item's tensors (e.g. the model weights) to a safetensors file",
-        description=(__doc__ or "").split("\n\n")[1],
+        doc=__doc__,
     )
     p.add_argument("ckpt", metavar="CKPT", help="a checkpoint directory, or a run directory with --step")
-    p.add_argument("item", metavar="ITEM", help="the item to export, e.g. model")
+    p.add_argument("item", metavar="ITEM", nargs="?", help="the item to export, e.g. model (--hf: default model)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the .safetensors file to write")
     p.add_argument(
         "--dtype", choices=sorted(_DTYPES), help="cast floating-point tensors (bf16 needs torch); default: as stored"
     )
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.add_argument(
+        "--hf",
+        action="store_true",
+        help="write a Hugging Face from_pretrained directory (config.json + model.safetensors) to -o DIR",
+    )
     add_step_option(p)
-    p.set_defaults(func=_export)

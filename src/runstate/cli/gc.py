@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 
 import runstate
-from runstate.cli._output import echo, guarded, human_bytes, print_json, tree_size
+from runstate.cli._commands import add_command, add_json_option
+from runstate.cli._output import echo, guarded, human_bytes, print_json
 from runstate.cli._paths import check_run_directory
+from runstate.storage import ABANDONED, INTERRUPTED_DELETION, INTERRUPTED_SAVE, open_store
 
 __all__ = ["register"]
 
@@ -33,9 +35,10 @@ def _gc(args: argparse.Namespace) -> int:
         else:
             echo(f"no leftovers in {directory}")
         return 0
-    with runstate.CheckpointManager(directory) as mgr:
-        aside = [path for _, path in mgr.abandoned()] if args.abandoned else []
-        sizes = {path: tree_size(path) for path in [*mgr.leftovers(), *aside]}
+    store = open_store(directory)
+    kinds = {INTERRUPTED_SAVE, INTERRUPTED_DELETION} | ({ABANDONED} if args.abandoned else set())
+    with runstate.CheckpointManager(directory) as mgr:  # holds the writer lock: what is listed stays a leftover
+        sizes = {e.location: store.size(e.name) for e in store.list_extras() if e.kind in kinds}
         removed = mgr.clean(dry_run=args.dry_run, abandoned=args.abandoned)
     freed = sum(sizes.get(path, 0) for path in removed)
     if args.json:
@@ -53,10 +56,8 @@ def _gc(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``gc`` subcommand."""
-    p = sub.add_parser(
-        "gc",
-        help="remove leftovers of interrupted saves (never a committed checkpoint)",
-        description=(__doc__ or "").split("\n\n")[1],
+    p = add_command(
+        sub, "gc", _gc, help="remove leftovers of interrupted saves (never a committed checkpoint)", doc=__doc__
     )
     p.add_argument("dir", metavar="DIR", help="the run directory")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
@@ -65,5 +66,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="also remove the checkpoints of branches abandoned by a rollback (step-N.abandoned-*)",
     )
-    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
-    p.set_defaults(func=_gc)
+    add_json_option(p, "lines")

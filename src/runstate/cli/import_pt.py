@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import pickle
 import re
 import struct
@@ -27,7 +26,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import runstate
+from runstate.cli._commands import add_command
 from runstate.cli._output import echo, fail, guarded, human_bytes
+from runstate.storage import LocalStore, local_path, split_path
 
 __all__ = ["register"]
 
@@ -88,21 +89,23 @@ def _step(obj: Mapping[str, Any]) -> tuple[int | None, str]:
 
 def _run_checkpoint(out: str) -> tuple[str, int] | None:
     """When ``out`` is named like a run's checkpoint (``step-N``): the run's own name for step N, and N."""
-    m = _STEP_DIR.match(os.path.basename(os.path.normpath(out)))
+    parent, name = split_path(out)
+    m = _STEP_DIR.match(name)
     if m is None:
         return None
     step = int(m.group(1))
-    with runstate.CheckpointManager(os.path.dirname(os.path.normpath(out)) or ".", read_only=True) as run:
+    with runstate.CheckpointManager(parent, read_only=True) as run:
         return run.path(step), step
 
 
 @guarded("import")
 def _import(args: argparse.Namespace) -> int:
-    src: str = os.path.expanduser(args.file)  # ~ expanded also where no shell did it (-o=~/ckpt, quoted)
-    out: str = os.path.expanduser(args.output)
-    if not os.path.exists(src):
+    src: str = local_path(args.file)  # ~ expanded also where no shell did it (-o=~/ckpt, quoted)
+    out: str = local_path(args.output)
+    kind = LocalStore(src).kind()
+    if kind is None:
         return fail("import", f"no such file: {src}")
-    if not os.path.isfile(src):
+    if kind != "file":
         return fail("import", f"{src} is not a file; give the file torch.save wrote")
     if args.step is not None and args.step < 0:
         return fail("import", f"--step must be >= 0, got {args.step}")
@@ -111,11 +114,11 @@ def _import(args: argparse.Namespace) -> int:
         if args.step is not None and args.step != named[1]:
             return fail(
                 "import",
-                f"--step {args.step} disagrees with the output name {os.path.basename(os.path.normpath(out))} "
+                f"--step {args.step} disagrees with the output name {split_path(out)[1]} "
                 f"(step {named[1]}); drop --step, or name the output step-{args.step}",
             )
         out = named[0]
-    if os.path.lexists(out):
+    if LocalStore(out).exists():
         return fail("import", f"{out} already exists; choose a new checkpoint directory")
     if importlib.util.find_spec("torch") is None:
         return fail("import", "reading a .pt file needs torch (pip install torch)")
@@ -146,7 +149,7 @@ def _import(args: argparse.Namespace) -> int:
     if args.step is not None:
         step, source = args.step, "from --step"
     elif named is not None:
-        step, source = named[1], f"from the output name {os.path.basename(os.path.normpath(args.output))}"
+        step, source = named[1], f"from the output name {split_path(args.output)[1]}"
     else:
         step, source = _step(obj)
     info = runstate.save(out, state, step=step)  # a dict restores into a live object's load_state_dict
@@ -158,10 +161,12 @@ def _import(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``import`` subcommand."""
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "import",
+        _import,
         help="convert a torch.save checkpoint (.pt) into a runstate checkpoint, never running its code",
-        description=(__doc__ or "").split("\n\n")[1],
+        doc=__doc__,
     )
     p.add_argument("file", metavar="FILE.pt", help="a file written by torch.save")
     p.add_argument("-o", "--output", required=True, metavar="CKPT", help="the checkpoint directory to create")
@@ -171,4 +176,3 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="the step to record (default: the file's step, global_step, iter_num, iteration or epoch entry)",
     )
-    p.set_defaults(func=_import)

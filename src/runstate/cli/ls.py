@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import runstate
+from runstate.cli._commands import add_command, add_json_option
 from runstate.cli._output import (
     Cell,
     echo,
@@ -29,15 +28,30 @@ from runstate.cli._output import (
     human_bytes,
     print_json,
     print_table,
-    tree_size,
 )
 from runstate.cli._paths import check_run_directory
+from runstate.storage import (
+    ABANDONED,
+    DAMAGED,
+    INTERRUPTED_DELETION,
+    INTERRUPTED_SAVE,
+    MISNAMED,
+    Extra,
+    Store,
+    open_store,
+    step_dirname,
+)
 
 __all__ = ["register"]
 
-_LEFTOVER = re.compile(r"^\.(tmp|del)-step-(\d+)-[0-9a-f]+$")
-_MOVED_ASIDE = re.compile(r"^step-(\d+)\.corrupt-\d+$")
-_STEP_LIKE = re.compile(r"^step-([0-9]+)\Z")
+#: The status and reason shown for each kind of entry that is not a committed checkpoint.
+_EXTRA_STATUS = {
+    INTERRUPTED_SAVE: ("leftover", "interrupted save"),
+    INTERRUPTED_DELETION: ("leftover", "interrupted deletion"),
+    DAMAGED: ("corrupt", "moved aside by restore"),
+    ABANDONED: ("abandoned", "branch abandoned by a rollback"),
+    MISNAMED: ("misnamed", "not a name the run reads; rename it to {name}"),
+}
 
 
 @dataclass
@@ -54,67 +68,48 @@ class Entry:
     checked: str = ""  # committed steps: "not verified" (manifest read) or "verified" (every byte, --verify)
 
 
-def _mtime(path: str) -> str | None:
-    try:
-        stamp = os.lstat(path).st_mtime
-    except OSError:
+def _mtime(store: Store, name: str) -> str | None:
+    stamp = store.modified(name)
+    if stamp is None:
         return None
     return _dt.datetime.fromtimestamp(stamp, _dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 def _short_reason(exc: Exception, path: str) -> str:
     reason = " ".join(str(exc).split())
-    for prefix in (os.path.join(path, "manifest.json") + ": ", path + "/manifest.json: ", path + ": "):
+    for prefix in (path.rstrip("/") + "/manifest.json: ", path + "/manifest.json: ", path + ": "):
         if reason.startswith(prefix):
             return reason[len(prefix) :]
     return reason
 
 
-def _step_like(directory: str) -> list[int]:
-    """The steps of the entries named ``step-<digits>`` (padded or not) in a local run directory."""
-    names = [] if "://" in directory else os.listdir(directory)
-    return [int(m.group(1)) for m in map(_STEP_LIKE.match, names) if m]
+def _committed(store: Store, step: int, path: str) -> Entry:
+    """The line of a committed step, from its manifest only."""
+    name = step_dirname(step)
+    try:
+        contents = runstate.inspect(path)
+    except runstate.FormatVersionError as exc:
+        return Entry(step, path, "newer format", _mtime(store, name), store.size(name), reason=str(exc))
+    except runstate.CheckpointError as exc:
+        reason = _short_reason(exc, path)
+        return Entry(step, path, "corrupt", _mtime(store, name), store.size(name), reason=reason)
+    return Entry(step, path, "ok", contents.created, contents.nbytes, contents.metrics)
+
+
+def _extra(store: Store, extra: Extra) -> Entry:
+    """The line of a leftover, a checkpoint set aside, or a misnamed step."""
+    status, reason = _EXTRA_STATUS[extra.kind]
+    if extra.step is not None:
+        reason = reason.format(name=step_dirname(extra.step))
+    return Entry(extra.step, extra.location, status, _mtime(store, extra.name), store.size(extra.name), reason=reason)
 
 
 def collect(directory: str) -> list[Entry]:
     """Every checkpoint, corrupt checkpoint and leftover of a run directory, by step."""
-    entries: list[Entry] = []
+    store = open_store(directory)
     with runstate.CheckpointManager(directory, read_only=True) as mgr:
-        for step in mgr.steps():
-            path = mgr.path(step)
-            try:
-                contents = runstate.inspect(path)
-            except runstate.FormatVersionError as exc:
-                entries.append(Entry(step, path, "newer format", _mtime(path), tree_size(path), reason=str(exc)))
-                continue
-            except runstate.CheckpointError as exc:
-                reason = _short_reason(exc, path)
-                entries.append(Entry(step, path, "corrupt", _mtime(path), tree_size(path), reason=reason))
-                continue
-            entries.append(Entry(step, path, "ok", contents.created, contents.nbytes, contents.metrics))
-        for path in mgr.leftovers():
-            m = _LEFTOVER.match(os.path.basename(path))
-            what = "interrupted save" if os.path.basename(path).startswith(".tmp-") else "interrupted deletion"
-            entries.append(
-                Entry(int(m.group(2)) if m else None, path, "leftover", _mtime(path), tree_size(path), reason=what)
-            )
-        for step, path in mgr.abandoned():  # set aside by a rollback: kept until gc --abandoned
-            entries.append(
-                Entry(step, path, "abandoned", _mtime(path), tree_size(path), reason="branch abandoned by a rollback")
-            )
-        run_name = {n: os.path.basename(mgr.path(n)) for n in _step_like(directory)}
-    for name in [] if "://" in directory else sorted(os.listdir(directory)):
-        m = _MOVED_ASIDE.match(name)
-        if m:
-            path = os.path.join(directory, name)
-            entries.append(
-                Entry(int(m.group(1)), path, "corrupt", _mtime(path), tree_size(path), reason="moved aside by restore")
-            )
-        m = _STEP_LIKE.match(name)
-        if m and run_name.get(int(m.group(1)), name) != name:  # step-1200: the run reads only step-000000001200
-            path = os.path.join(directory, name)
-            why = f"not a name the run reads; rename it to {run_name[int(m.group(1))]}"
-            entries.append(Entry(int(m.group(1)), path, "misnamed", _mtime(path), tree_size(path), reason=why))
+        entries = [_committed(store, step, mgr.path(step)) for step in mgr.steps()]
+    entries += [_extra(store, extra) for extra in store.list_extras()]
     entries.sort(key=lambda e: (-1 if e.step is None else e.step, e.status != "ok", e.path))
     return entries
 
@@ -190,16 +185,11 @@ def _ls(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``ls`` subcommand."""
-    p = sub.add_parser(
-        "ls",
-        help="list the checkpoints of a run directory",
-        description=(__doc__ or "").split("\n\n")[1],
-    )
+    p = add_command(sub, "ls", _ls, help="list the checkpoints of a run directory", doc=__doc__)
     p.add_argument("dir", metavar="DIR", help="the run directory (the one given to CheckpointManager)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_option(p, "a table")
     p.add_argument(
         "--verify",
         action="store_true",
         help="also check every byte of each checkpoint (as runstate verify); a damaged one shows as corrupt",
     )
-    p.set_defaults(func=_ls)

@@ -67,67 +67,91 @@ def supervise(
         0 when the child finally succeeded; otherwise the child's last exit code, or
         128 + N when it was killed by signal N.
     """
-    stop_signal: list[int] = []
-    child: list[subprocess.Popen[bytes]] = []
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        stop_signal.append(signum)
-        if child and child[0].poll() is None:
-            child[0].send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    supervisor = _Supervisor(command, max_restarts, backoff, log)
+    previous = {s: signal.signal(s, supervisor.forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        restarts = preemptions = 0
         while True:
-            env = {**os.environ, "RUNSTATE_RESTART_COUNT": str(restarts + preemptions)}
-            try:
-                proc = subprocess.Popen(list(command), env=env)
-            except OSError as exc:
-                log.error("runstate run: cannot start %s: %s", command[0], exc.strerror)
-                return 127
-            child[:] = [proc]
-            if stop_signal and proc.poll() is None:  # it arrived between Popen and the line above
-                proc.send_signal(stop_signal[0])
-            code = proc.wait()
-            if code == 0:
-                if restarts or preemptions:
-                    log.warning(
-                        "runstate run: command succeeded after %d restart(s) and %d preemption(s)", restarts, preemptions
-                    )
-                return 0
-            if code == EXIT_PREEMPTED and not stop_signal:
-                preemptions += 1
-                log.warning(
-                    "runstate run: the command was preempted after saving (exit %d); restarting it (preemption %d)",
-                    code,
-                    preemptions,
-                )
-                continue
-            if stop_signal:
-                log.warning(
-                    "runstate run: stopped by %s; the command %s", signal.Signals(stop_signal[0]).name, _describe(code)
-                )
-                return _exit_code(code)
-            if restarts >= max_restarts:
-                log.error("runstate run: the command %s; no restarts left (%d used)", _describe(code), restarts)
-                return _exit_code(code)
-            restarts += 1
-            delay = min(backoff * 2 ** (restarts - 1), 60.0) if backoff > 0 else 0.0
-            log.warning(
-                "runstate run: the command %s; restart %d of %d in %.1f s",
-                _describe(code),
-                restarts,
-                max_restarts,
-                delay,
-            )
-            deadline = time.monotonic() + delay
-            while not stop_signal and time.monotonic() < deadline:
-                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-            if stop_signal:
-                return _exit_code(code)
+            status = supervisor.run_once()
+            if status is not None:
+                return status
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+class _Supervisor:
+    """One :func:`supervise` call: the command, its current child, the signal that stops it, the counts."""
+
+    def __init__(self, command: Sequence[str], max_restarts: int, backoff: float, log: logging.Logger) -> None:
+        self.command = list(command)
+        self.max_restarts, self.backoff, self.log = max_restarts, backoff, log
+        self.stop_signal: list[int] = []
+        self.child: subprocess.Popen[bytes] | None = None
+        self.restarts = self.preemptions = 0
+
+    def forward(self, signum: int, frame: FrameType | None) -> None:
+        """Signal handler: remember the signal (no more restarts) and pass it on to the child."""
+        self.stop_signal.append(signum)
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+    def run_once(self) -> int | None:
+        """Start the command and wait for it: the supervisor's exit status, or None to start it again."""
+        env = {**os.environ, "RUNSTATE_RESTART_COUNT": str(self.restarts + self.preemptions)}
+        try:
+            proc = subprocess.Popen(self.command, env=env)
+        except OSError as exc:
+            self.log.error("runstate run: cannot start %s: %s", self.command[0], exc.strerror)
+            return 127
+        self.child = proc
+        if self.stop_signal and proc.poll() is None:  # it arrived between Popen and the line above
+            proc.send_signal(self.stop_signal[0])
+        return self._after(proc.wait())
+
+    def _after(self, code: int) -> int | None:
+        """What follows a child's exit with ``code``: the final status, or None to restart."""
+        log = self.log
+        if code == 0:
+            if self.restarts or self.preemptions:
+                log.warning(
+                    "runstate run: command succeeded after %d restart(s) and %d preemption(s)",
+                    self.restarts,
+                    self.preemptions,
+                )
+            return 0
+        if code == EXIT_PREEMPTED and not self.stop_signal:
+            self.preemptions += 1
+            log.warning(
+                "runstate run: the command was preempted after saving (exit %d); restarting it (preemption %d)",
+                code,
+                self.preemptions,
+            )
+            return None
+        if self.stop_signal:
+            log.warning(
+                "runstate run: stopped by %s; the command %s", signal.Signals(self.stop_signal[0]).name, _describe(code)
+            )
+            return _exit_code(code)
+        if self.restarts >= self.max_restarts:
+            log.error("runstate run: the command %s; no restarts left (%d used)", _describe(code), self.restarts)
+            return _exit_code(code)
+        self.restarts += 1
+        delay = min(self.backoff * 2 ** (self.restarts - 1), 60.0) if self.backoff > 0 else 0.0
+        log.warning(
+            "runstate run: the command %s; restart %d of %d in %.1f s",
+            _describe(code),
+            self.restarts,
+            self.max_restarts,
+            delay,
+        )
+        return None if self._sleep(delay) else _exit_code(code)
+
+    def _sleep(self, delay: float) -> bool:
+        """Wait ``delay`` seconds before a restart; False when a stop signal came meanwhile."""
+        deadline = time.monotonic() + delay
+        while not self.stop_signal and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return not self.stop_signal
 
 
 def _run(args: argparse.Namespace) -> int:

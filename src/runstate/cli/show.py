@@ -14,6 +14,7 @@ import argparse
 from typing import Any
 
 import runstate
+from runstate.cli._commands import add_command, add_json_option
 from runstate.cli._output import format_time, format_value, guarded, human_bytes, print_json, print_table
 from runstate.cli._paths import add_step_option, resolve_checkpoint
 
@@ -162,6 +163,37 @@ def _short_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def _training_state(d: dict[str, Any]) -> list[list[str]]:
+    """The "training state" rows: schedulers, random generators, data-loader positions."""
+    lines: list[list[str]] = []
+    for s in d["schedulers"]:
+        last = s["last_lr"]
+        lrs = ", ".join(format_value(x) for x in last) if isinstance(last, list) else format_value(last)
+        lines.append(
+            [
+                f"scheduler '{s['item']}'",
+                f"{_short_type(s['type'])}: last lr {lrs} (last_epoch {format_value(s['last_epoch'])})",
+            ]
+        )
+    rng = d["rng"]
+    for g in rng["global"]:
+        lines.append(["rng", f"runstate.RNG in '{g['item']}': {', '.join(g['generators'])}"])
+    for g in rng["generators"]:
+        lines.append(["rng", f"{g['kind']} at {g['where']}"])
+    if not rng["saved"]:
+        lines.append(["rng", "not saved: random draws after a resume will differ"])
+    for ld in d["loaders"]:
+        where = f"{format_value(ld['batches_yielded'])} batches into the epoch"
+        if ld["samples_yielded"] is not None:
+            where += f" ({format_value(ld['samples_yielded'])} samples)"
+        if ld["finished"]:
+            where += ", epoch finished"
+        if ld["sampler"]:
+            where += "; sampler " + " ".join(f"{k}={format_value(v)}" for k, v in ld["sampler"].items())
+        lines.append([f"data loader '{ld['item']}'", where])
+    return lines
+
+
 def _print_human(d: dict[str, Any]) -> None:
     versions = ", ".join(f"{k} {v}" for k, v in d["versions"].items())
     summary = [
@@ -191,32 +223,7 @@ def _print_human(d: dict[str, Any]) -> None:
         title = f"optimizer '{opt['item']}': {opt['type']}, {len(groups)} param group{'s' if len(groups) != 1 else ''}"
         print_table(["hyper-parameter", *(f"group {i}" for i in range(len(groups)))], rows, title=title)
 
-    lines: list[list[str]] = []
-    for s in d["schedulers"]:
-        last = s["last_lr"]
-        lrs = ", ".join(format_value(x) for x in last) if isinstance(last, list) else format_value(last)
-        lines.append(
-            [
-                f"scheduler '{s['item']}'",
-                f"{_short_type(s['type'])}: last lr {lrs} (last_epoch {format_value(s['last_epoch'])})",
-            ]
-        )
-    rng = d["rng"]
-    for g in rng["global"]:
-        lines.append(["rng", f"runstate.RNG in '{g['item']}': {', '.join(g['generators'])}"])
-    for g in rng["generators"]:
-        lines.append(["rng", f"{g['kind']} at {g['where']}"])
-    if not rng["saved"]:
-        lines.append(["rng", "not saved: random draws after a resume will differ"])
-    for ld in d["loaders"]:
-        where = f"{format_value(ld['batches_yielded'])} batches into the epoch"
-        if ld["samples_yielded"] is not None:
-            where += f" ({format_value(ld['samples_yielded'])} samples)"
-        if ld["finished"]:
-            where += ", epoch finished"
-        if ld["sampler"]:
-            where += "; sampler " + " ".join(f"{k}={format_value(v)}" for k, v in ld["sampler"].items())
-        lines.append([f"data loader '{ld['item']}'", where])
+    lines = _training_state(d)
     if lines:
         print_table(["", ""], lines, title="training state", header=False)
 
@@ -244,10 +251,8 @@ def _show(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``show`` subcommand."""
-    p = sub.add_parser(
-        "show",
-        help="show what a checkpoint holds (from its manifest; reads no tensor data)",
-        description=(__doc__ or "").split("\n\n")[1],
+    p = add_command(
+        sub, "show", _show, help="show what a checkpoint holds (from its manifest; reads no tensor data)", doc=__doc__
     )
     p.add_argument(
         "ckpt",
@@ -256,5 +261,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_step_option(p)
     p.add_argument("--tensors", action="store_true", help="also list every tensor with its dtype, shape and size")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.set_defaults(func=_show)
+    add_json_option(p)

@@ -9,11 +9,13 @@ With ``--step N`` or ``--step latest``, only that step of the run directory PATH
 from __future__ import annotations
 
 import argparse
-import os
+from typing import Any
 
 import runstate
+from runstate.cli._commands import add_command, add_json_option
 from runstate.cli._output import Progress, echo, fail, guarded, human_bytes, print_json
-from runstate.cli._paths import StepChoice, add_step_option, resolve_checkpoint
+from runstate.cli._paths import StepChoice, add_step_option, is_checkpoint, resolve_checkpoint
+from runstate.storage import LocalStore, is_url
 
 __all__ = ["register"]
 
@@ -23,17 +25,13 @@ def _targets(path: str, step: StepChoice) -> tuple[list[str], list[str]] | int:
     if step is not None:
         found = resolve_checkpoint("verify", path, step)
         return found if isinstance(found, int) else ([found], [])
-    if "://" in path:  # s3://bucket/run or s3://bucket/run/step-...: credentials from the environment
-        try:
-            runstate.inspect(path)
-            return [path], []
-        except runstate.CheckpointNotFoundError:
-            pass  # a run directory, or nothing: the manager says which
-    elif not os.path.lexists(path):
-        return fail("verify", f"no such checkpoint or run directory: {path}")
-    elif not os.path.isdir(path):
-        return fail("verify", f"{path} is a file; give a checkpoint directory or a run directory")
-    elif os.path.lexists(os.path.join(path, "manifest.json")):
+    if not is_url(path):  # a URL (s3://bucket/run or s3://bucket/run/step-...): the library says what is wrong
+        kind = LocalStore(path).kind()
+        if kind is None:
+            return fail("verify", f"no such checkpoint or run directory: {path}")
+        if kind != "directory":
+            return fail("verify", f"{path} is a file; give a checkpoint directory or a run directory")
+    if is_checkpoint(path):
         return [path], []
     with runstate.CheckpointManager(path, read_only=True) as mgr:
         targets = [mgr.path(step) for step in mgr.steps()]
@@ -44,13 +42,26 @@ def _targets(path: str, step: StepChoice) -> tuple[list[str], list[str]] | int:
 
 
 def _deleted_meanwhile(target: str) -> bool:
-    """True when ``target``, a step of a run directory, is no longer committed: the run's writer
-    deleted it (retention) while it was being verified, which is not damage."""
-    parent, name = target.rstrip("/").rpartition("/")[0::2]
-    if not name.startswith("step-") or not parent:
-        return False
-    with runstate.CheckpointManager(parent, read_only=True) as mgr:
-        return all(mgr.path(step) != target for step in mgr.steps())
+    """True when ``target`` is no longer a checkpoint: the run's writer deleted it (retention)
+    while it was being verified, which is not damage."""
+    try:
+        runstate.inspect(target)
+    except runstate.CheckpointNotFoundError:
+        return True
+    except runstate.CheckpointError:
+        return False  # still there, damaged: the report says how
+    return False
+
+
+def _as_json(report: runstate.VerifyReport) -> dict[str, Any]:
+    """A report as ``--json`` prints it (``ok`` is a property, which a dataclass's fields leave out)."""
+    return {
+        "path": report.path,
+        "ok": report.ok,
+        "problems": report.problems,
+        "tensors_checked": report.tensors_checked,
+        "nbytes_checked": report.nbytes_checked,
+    }
 
 
 @guarded("verify")
@@ -81,7 +92,7 @@ def _verify(args: argparse.Namespace) -> int:
         return fail("verify", f"every checkpoint of {args.path} was deleted by its writer while being verified")
     ok = all(r.ok for r in reports)
     if args.json:
-        print_json({"path": args.path, "ok": ok, "checkpoints": reports})
+        print_json({"path": args.path, "ok": ok, "checkpoints": [_as_json(r) for r in reports]})
         return 0 if ok else 1
     for r in reports:
         checked = f"{r.tensors_checked} tensors, {human_bytes(r.nbytes_checked)} checked"
@@ -104,14 +115,15 @@ def _verify(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``verify`` subcommand."""
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "verify",
+        _verify,
         help="check every byte of a checkpoint or of every checkpoint of a run directory",
-        description=(__doc__ or "").split("\n\n")[1],
+        doc=__doc__,
     )
     p.add_argument(
         "path", metavar="PATH", help="a checkpoint directory, or a run directory to check all its checkpoints"
     )
     add_step_option(p, help="check only step N (or the newest step) of the run directory PATH")
-    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
-    p.set_defaults(func=_verify)
+    add_json_option(p, "lines")

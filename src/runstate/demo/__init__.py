@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runstate.errors import CheckpointConfigError
+
 __all__ = ["MIN_STEPS", "Variant", "run_demo"]
 
 SAVE_EVERY = 25
@@ -186,21 +188,8 @@ def _plot(variants: list[Variant], path: Path, resume_step: int) -> bool:
     return True
 
 
-def run_demo(
-    out: str | os.PathLike[str], *, steps: int = 600, seed: int = 0, log: Callable[[str], None] = print
-) -> int:
-    """Run the four variants, print the table, write ``loss.png`` (with matplotlib); return the exit code."""
-    t0 = time.monotonic()
-    out_dir = Path(out).resolve()
-    if steps < MIN_STEPS:
-        raise ValueError(
-            f"runstate demo needs at least {MIN_STEPS} steps (got {steps}): the SIGKILL must fall after the first "
-            f"checkpoint (saved every {SAVE_EVERY} steps) for the comparison to mean anything"
-        )
-    rnd = random.Random(seed)
-    # The SIGKILL lands after the first checkpoint, so (c) and (d) really resume from one.
-    kill_at = rnd.randint(max(SAVE_EVERY + 1, int(0.15 * steps)), int(0.45 * steps))
-    term_at = rnd.randint(int(0.55 * steps), int(0.85 * steps))
+def _variants(out_dir: Path) -> list[Variant]:
+    """The four runs, each with a fresh, empty output directory."""
     variants = [
         Variant("a", "(a) uninterrupted", out_dir / "a-reference"),
         Variant("b", "(b) runstate: SIGKILL + SIGTERM, auto-resumed", out_dir / "b-runstate"),
@@ -210,14 +199,11 @@ def run_demo(
     for v in variants:
         shutil.rmtree(v.out, ignore_errors=True)
         v.out.mkdir(parents=True)
-    log(f"runstate demo: {steps} steps, seed {seed}; output in {out_dir}")
-    a, b, c, d = variants
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        ref = pool.submit(_run, _job(a.out / "run", a.out, steps, seed))
-        _supervised(b, steps, seed, kill_at, term_at, log)
-        ref.result()
-    crash = b.interruptions[0][1] if b.interruptions else kill_at
-    resume_step = crash - crash % SAVE_EVERY
+    return variants
+
+
+def _partial_resumes(c: Variant, d: Variant, steps: int, seed: int, crash: int) -> None:
+    """Run (c) and (d): crash at ``crash``, then resume each with only part of the state."""
     c.interruptions.append(("SIGKILL", crash))
     d.interruptions.append(("SIGKILL", crash))
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -230,11 +216,9 @@ def run_demo(
         ]
         for j in jobs:
             j.result()
-    reference = _load_results(a, None)
-    a.max_delta, a.identical = 0.0, True
-    for v in (b, c, d):
-        _load_results(v, reference)
 
+
+def _print_table(variants: list[Variant], log: Callable[[str], None]) -> None:
     rows = [("variant", "interruptions", "final loss", "max |Δ param| vs (a)", "bit-identical")]
     for v in variants:
         interrupts = ", ".join(f"{n}@{s}" for n, s in v.interruptions) or "none"
@@ -245,12 +229,10 @@ def run_demo(
         log("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
         if i == 0:
             log("  ".join("-" * w for w in widths))
-    png = out_dir / "loss.png"
-    if _plot(variants, png, resume_step):
-        picture = f"loss curves: {png}"
-    else:
-        picture = f"loss curves: not drawn, matplotlib is not installed ({PICTURE_HINT} draws them)"
-    log(f"\n{picture}\nfinal loss = cross-entropy on 1024 held-out points; wall time {time.monotonic() - t0:.0f} s")
+
+
+def _verdict(b: Variant, c: Variant, d: Variant, log: Callable[[str], None]) -> int:
+    """The exit code: 0 when (b) is bit-identical to (a) and the partial resumes are not."""
     ok = b.identical and not c.identical and not d.identical
     if not b.identical:
         log("FAILED: (b) is not bit-identical to the uninterrupted run")
@@ -259,3 +241,45 @@ def run_demo(
     else:
         log("FAILED: a partial resume came out identical; the comparison cannot tell the difference")
     return 0 if ok else 1
+
+
+def run_demo(
+    out: str | os.PathLike[str], *, steps: int = 600, seed: int = 0, log: Callable[[str], None] = print
+) -> int:
+    """Run the four variants, print the table, write ``loss.png`` (with matplotlib); return the exit code.
+
+    Raises:
+        CheckpointConfigError: ``steps`` is below :data:`MIN_STEPS`.
+    """
+    t0 = time.monotonic()
+    out_dir = Path(out).resolve()
+    if steps < MIN_STEPS:
+        raise CheckpointConfigError(
+            f"runstate demo needs at least {MIN_STEPS} steps (got {steps}): the SIGKILL must fall after the first "
+            f"checkpoint (saved every {SAVE_EVERY} steps) for the comparison to mean anything"
+        )
+    rnd = random.Random(seed)
+    # The SIGKILL lands after the first checkpoint, so (c) and (d) really resume from one.
+    kill_at = rnd.randint(max(SAVE_EVERY + 1, int(0.15 * steps)), int(0.45 * steps))
+    term_at = rnd.randint(int(0.55 * steps), int(0.85 * steps))
+    variants = _variants(out_dir)
+    log(f"runstate demo: {steps} steps, seed {seed}; output in {out_dir}")
+    a, b, c, d = variants
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ref = pool.submit(_run, _job(a.out / "run", a.out, steps, seed))
+        _supervised(b, steps, seed, kill_at, term_at, log)
+        ref.result()
+    crash = b.interruptions[0][1] if b.interruptions else kill_at
+    _partial_resumes(c, d, steps, seed, crash)
+    reference = _load_results(a, None)
+    a.max_delta, a.identical = 0.0, True
+    for v in (b, c, d):
+        _load_results(v, reference)
+    _print_table(variants, log)
+    png = out_dir / "loss.png"
+    if _plot(variants, png, resume_step=crash - crash % SAVE_EVERY):
+        picture = f"loss curves: {png}"
+    else:
+        picture = f"loss curves: not drawn, matplotlib is not installed ({PICTURE_HINT} draws them)"
+    log(f"\n{picture}\nfinal loss = cross-entropy on 1024 held-out points; wall time {time.monotonic() - t0:.0f} s")
+    return _verdict(b, c, d, log)

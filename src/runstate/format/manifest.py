@@ -191,11 +191,6 @@ class ItemEntry:
     tensors: dict[str, TensorEntry]
     chunks: dict[str, ChunkedTensor] = field(default_factory=dict)
 
-    @property
-    def files(self) -> list[str]:
-        """The files holding this item's tensors, in order of first use."""
-        return list(dict.fromkeys(e.file for e in self.tensors.values()))
-
 
 @dataclass(frozen=True)
 class RankInfo:
@@ -283,36 +278,7 @@ class Manifest:
 
     @classmethod
     def _parse(cls, raw: bytes, path: str) -> Manifest:
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting, 4300+ digit numbers
-            raise CorruptCheckpointError(
-                f"{path}: not valid JSON ({exc}); the manifest is damaged, use another checkpoint",
-                file=MANIFEST_NAME,
-            ) from exc
-        if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
-            raise CorruptCheckpointError(
-                f'{path}: not a runstate manifest (no "format": "runstate")', file=MANIFEST_NAME
-            )
-        version = body.get("format_version")
-        if type(version) is not int:
-            raise CorruptCheckpointError(f"{path}: format_version is missing or not an integer", file=MANIFEST_NAME)
-        if version > FORMAT_VERSION:
-            raise FormatVersionError(
-                f"{path}: written with format version {version}, but this runstate reads up to "
-                f"version {FORMAT_VERSION}; upgrade runstate (pip install -U runstate)"
-            )
-        stored = body.pop("checksum", None)
-        try:
-            computed = _canonical_checksum(body)
-        except (ValueError, RecursionError):  # NaN/Infinity literals or absurd nesting
-            computed = None
-        if computed is None or stored != computed:
-            raise CorruptCheckpointError(
-                f"{path}: manifest checksum mismatch (stored {stored!r}); the manifest was "
-                "edited or damaged, use another checkpoint",
-                file=MANIFEST_NAME,
-            )
+        body = _checked_body(raw, path)
         try:
             step = body["step"]
             if step is not None and type(step) is not int:
@@ -323,26 +289,8 @@ class Manifest:
                     items[str(name)] = item_from_json(item)
                 except (KeyError, TypeError, ValueError) as exc:
                     raise ValueError(f"item {str(name)[:200]!r}: {exc}") from exc
-            ranks = None
-            if "ranks" in body:
-                r = body["ranks"]
-                ranks = RankInfo(_count(r["world_size"]), tuple(_str(x) for x in r["per_rank"]))
-                if ranks.world_size < 1:
-                    raise ValueError("ranks.world_size must be at least 1")
-                for name in ranks.per_rank:
-                    missing = [r for r in range(ranks.world_size) if per_rank_name(name, r) not in items]
-                    if missing:
-                        raise ValueError(f"per-rank item {name!r} has no copy of rank(s) {missing[:5]}")
-            files = {_str(k): _count(v["nbytes"]) for k, v in body["files"].items()}
-            for name in files:
-                if not _is_plain_file_name(name):
-                    raise ValueError(f"file name {name!r} is not a plain .safetensors name inside the checkpoint")
-            for item_name, item_entry in items.items():
-                if not isinstance(item_entry.tree, dict):
-                    raise TypeError(f"item {item_name!r}: tree is not an object")
-                for tname, entry in item_entry.tensors.items():
-                    if entry.file not in files:
-                        raise ValueError(f"tensor {tname!r} of item {item_name!r} is in unlisted file {entry.file!r}")
+            ranks = _ranks_from_json(body["ranks"], items) if "ranks" in body else None
+            files = _files_from_json(body["files"], items)
             metrics = body["metrics"]
             if not isinstance(metrics, dict):
                 raise TypeError("metrics is not an object")
@@ -353,11 +301,77 @@ class Manifest:
                 versions={_str(k): _str(v) for k, v in body["versions"].items()},
                 items=items,
                 files=files,
-                format_version=version,
+                format_version=body["format_version"],
                 ranks=ranks,
             )
         except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
             raise CorruptCheckpointError(f"{path}: malformed manifest field ({exc!r})", file=MANIFEST_NAME) from exc
+
+
+def _checked_body(raw: bytes, path: str) -> dict[str, Any]:
+    """The manifest's JSON object, once it is a runstate manifest this version reads and its
+    checksum matches (removed from the returned object); the fields are checked by the caller.
+
+    Raises:
+        CorruptCheckpointError: unreadable JSON, not a runstate manifest, a wrong checksum.
+        FormatVersionError: the checkpoint needs a newer runstate.
+    """
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, absurd nesting, 4300+ digit numbers
+        raise CorruptCheckpointError(
+            f"{path}: not valid JSON ({exc}); the manifest is damaged, use another checkpoint",
+            file=MANIFEST_NAME,
+        ) from exc
+    if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError(f'{path}: not a runstate manifest (no "format": "runstate")', file=MANIFEST_NAME)
+    version = body.get("format_version")
+    if type(version) is not int:
+        raise CorruptCheckpointError(f"{path}: format_version is missing or not an integer", file=MANIFEST_NAME)
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{path}: written with format version {version}, but this runstate reads up to "
+            f"version {FORMAT_VERSION}; upgrade runstate (pip install -U runstate)"
+        )
+    stored = body.pop("checksum", None)
+    try:
+        computed = _canonical_checksum(body)
+    except (ValueError, RecursionError):  # NaN/Infinity literals or absurd nesting
+        computed = None
+    if computed is None or stored != computed:
+        raise CorruptCheckpointError(
+            f"{path}: manifest checksum mismatch (stored {stored!r}); the manifest was "
+            "edited or damaged, use another checkpoint",
+            file=MANIFEST_NAME,
+        )
+    return body
+
+
+def _ranks_from_json(field_value: Any, items: dict[str, ItemEntry]) -> RankInfo:
+    """The ``ranks`` field; every per-rank item must have a copy of every rank."""
+    ranks = RankInfo(_count(field_value["world_size"]), tuple(_str(x) for x in field_value["per_rank"]))
+    if ranks.world_size < 1:
+        raise ValueError("ranks.world_size must be at least 1")
+    for name in ranks.per_rank:
+        missing = [r for r in range(ranks.world_size) if per_rank_name(name, r) not in items]
+        if missing:
+            raise ValueError(f"per-rank item {name!r} has no copy of rank(s) {missing[:5]}")
+    return ranks
+
+
+def _files_from_json(field_value: Any, items: dict[str, ItemEntry]) -> dict[str, int]:
+    """The ``files`` field: plain file names inside the checkpoint, naming every tensor's file."""
+    files = {_str(k): _count(v["nbytes"]) for k, v in field_value.items()}
+    for name in files:
+        if not _is_plain_file_name(name):
+            raise ValueError(f"file name {name!r} is not a plain .safetensors name inside the checkpoint")
+    for item_name, item_entry in items.items():
+        if not isinstance(item_entry.tree, dict):
+            raise TypeError(f"item {item_name!r}: tree is not an object")
+        for tname, entry in item_entry.tensors.items():
+            if entry.file not in files:
+                raise ValueError(f"tensor {tname!r} of item {item_name!r} is in unlisted file {entry.file!r}")
+    return files
 
 
 def item_from_json(item: dict[str, Any]) -> ItemEntry:

@@ -19,7 +19,7 @@ import numpy as np
 import xxhash
 
 from runstate.errors import CorruptCheckpointError
-from runstate.format.tensors import DTYPE_SIZES, TensorBlob
+from runstate.format.tensors import TensorBlob
 
 __all__ = [
     "WrittenTensor",
@@ -100,12 +100,12 @@ def _fileno(f: IO[bytes]) -> int | None:
 
 
 def write_safetensors(
-    f: IO[bytes], tensors: Sequence[tuple[str, TensorBlob]], metadata: dict[str, str], *, writeback: bool = True
+    f: IO[bytes], tensors: Sequence[tuple[str, TensorBlob]], metadata: dict[str, str]
 ) -> tuple[int, dict[str, WrittenTensor]]:
     """Write ``tensors`` as a safetensors file to the binary file ``f``, from its start.
 
     The caller opens ``f`` and makes it durable (fsync, upload) when closing it. On a real
-    file (one with a ``fileno``) and with ``writeback``, the kernel is asked every 8 MiB to
+    file (one with a ``fileno``), the kernel is asked every 8 MiB to
     start writing the pages already written, so the caller's final fsync waits less.
 
     Returns:
@@ -113,7 +113,7 @@ def write_safetensors(
     """
     header = header_bytes(_in_file_order(tensors), metadata)
     written: dict[str, WrittenTensor] = {}
-    fd = _fileno(f) if writeback else None
+    fd = _fileno(f)
     position = f.write(struct.pack("<Q", len(header)) + header) or 0
     flushed = 0
     offset = 0
@@ -209,8 +209,3 @@ def read_tensor_bytes(f: IO[bytes], path: str, data_start: int, begin: int, end:
             )
         got += n
     return out
-
-
-def element_size(dtype: str) -> int | None:
-    """Bytes per element of a safetensors dtype code, None when unknown."""
-    return DTYPE_SIZES.get(dtype)

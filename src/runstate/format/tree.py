@@ -209,7 +209,8 @@ class Encoder:
             return {"t": "none"}
         if t is bool:
             return {"t": "bool", "v": value}
-        if t is int:
+        if t is int or (isinstance(value, int) and getattr(t, "_runstate_stored_as_int", False) is True):
+            value = int(value)  # a class that asks to be stored as its int value (runstate.RestoreResult)
             # Decimal, or hexadecimal past Python's int/str digit limit (int(v, 0) reads both).
             return {"t": "int", "v": str(value) if value.bit_length() < 10_000 else hex(value)}
         if t is float:

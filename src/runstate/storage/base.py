@@ -1,8 +1,11 @@
 """The storage interface: where the bytes of checkpoints go, and how a checkpoint is committed.
 
-Everything above this package (the manager, ``runstate.save/load``, the reader, ``verify``)
-talks to a :class:`Store` rooted at a run directory (or at one checkpoint) and never calls
-``os`` or a network client itself. Two backends implement it:
+Only this package touches storage. Everything above it (the manager, ``runstate.save/load``,
+the reader, ``verify``, the CLI) talks to a :class:`Store` rooted at a run directory (or at
+the parent of one checkpoint, see :func:`runstate.storage.parent_store`): it lists committed
+steps, leftovers and set-aside checkpoints with their kind (:meth:`Store.list_extras`),
+begins or attaches a staging area, drops caches, takes the writer lock, and never calls
+``os`` or a network client, nor parses a hidden name, itself. Two backends implement it:
 
 * :mod:`runstate.storage.local`: a POSIX directory; a checkpoint is built in a hidden
   temporary directory and committed by one atomic ``rename``.
@@ -14,22 +17,42 @@ Both keep the same invariant for readers: :meth:`Store.list_committed` lists onl
 checkpoints, and a checkpoint is complete exactly when its ``manifest.json`` is visible.
 
 Several processes may write files of ONE checkpoint (distributed saves): one of them calls
-:meth:`Store.begin`, hands :attr:`Staging.location` (a plain string) to the others, which
-call :meth:`Store.attach` and write their files; only the one that began it commits.
+:meth:`Store.begin` and gets a :class:`BegunStaging`, hands its :attr:`Staging.location` (a
+plain string) to the others, which call :meth:`Store.attach` and get an
+:class:`AttachedStaging`: they write their files, and only the one that began it commits.
 """
 
 from __future__ import annotations
 
 import abc
+import errno
 import re
+import time
 import uuid
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Protocol
+from typing import IO, Literal, Protocol
 
 from runstate.errors import CheckpointError, CheckpointWriteError
 
-__all__ = ["LOCK_NAME", "STEP_RE", "Lock", "Staging", "Store", "step_dirname"]
+__all__ = [
+    "ABANDONED",
+    "DAMAGED",
+    "INTERRUPTED_DELETION",
+    "INTERRUPTED_SAVE",
+    "LOCK_NAME",
+    "MISNAMED",
+    "STEP_RE",
+    "AttachedStaging",
+    "BegunStaging",
+    "EntryKind",
+    "Extra",
+    "Lock",
+    "Staging",
+    "Store",
+    "step_dirname",
+]
 
 #: Committed checkpoints of a run are named ``step-<digits>``, exactly as :func:`step_dirname`
 #: writes them (at least 12 digits, zero-padded): one name per step, so what is listed is what
@@ -38,10 +61,52 @@ STEP_RE = re.compile(r"^step-([0-9]{12}|[1-9][0-9]{12,})\Z")
 #: The writer lock of a run directory.
 LOCK_NAME = ".lock"
 
+#: Kinds of :class:`Extra`: the remains of a save or a deletion that was interrupted (never
+#: committed; the next writer removes them).
+INTERRUPTED_SAVE = "interrupted save"
+INTERRUPTED_DELETION = "interrupted deletion"
+#: A committed checkpoint found damaged by a restore and moved aside as ``step-N.corrupt-<unix seconds>``.
+DAMAGED = "damaged"
+#: A checkpoint of a branch abandoned by a rollback, set aside as ``step-N.abandoned-<12 hex>``
+#: (also the tag given to :meth:`Store.set_aside`).
+ABANDONED = "abandoned"
+#: ``step-<digits>`` that is not the run's own name for that step (``step-1200``): never read.
+MISNAMED = "misnamed"
+
+_DAMAGED_RE = re.compile(r"^step-([0-9]+)\.corrupt-[0-9]+\Z")
+_STEP_LIKE_RE = re.compile(r"^step-([0-9]+)\Z")
+
+#: What :meth:`Store.kind` reports: a regular file (an object), a directory (a prefix), or
+#: anything else (a FIFO, a device, a socket).
+EntryKind = Literal["file", "directory", "other"]
+
+
+def _aside_re(tag: str) -> re.Pattern[str]:
+    """The names :meth:`Store.set_aside` gives with ``tag``: ``step-N.<tag>-<12 hex>``."""
+    return re.compile(r"^step-([0-9]+)\." + re.escape(tag) + r"-[0-9a-f]{12}\Z")
+
 
 def step_dirname(step: int) -> str:
     """The name of a committed step's checkpoint: ``step-000000000100``."""
     return f"step-{step:012d}"
+
+
+@dataclass(frozen=True)
+class Extra:
+    """An entry of a run that is runstate's but not a committed checkpoint (see :meth:`Store.list_extras`).
+
+    Attributes:
+        name: the entry's name under the store's root.
+        location: its full location (a path or a URL).
+        kind: :data:`INTERRUPTED_SAVE`, :data:`INTERRUPTED_DELETION`, :data:`DAMAGED`,
+            :data:`ABANDONED` or :data:`MISNAMED`.
+        step: the step it belongs to, when its name says it.
+    """
+
+    name: str
+    location: str
+    kind: str
+    step: int | None
 
 
 class Lock(Protocol):
@@ -64,22 +129,22 @@ class Lock(Protocol):
 class Staging(abc.ABC):
     """One checkpoint being written, not yet visible to readers.
 
-    Use it as a context manager: an exception inside the block aborts the checkpoint (and an
-    ``OSError`` becomes ``CheckpointWriteError``); leaving the block of a staging that began
-    the checkpoint without committing it aborts it too. An attached staging (``can_commit``
-    False) is left alone on a normal exit: the process that began the checkpoint commits it.
+    It comes in two kinds: a :class:`BegunStaging` (from :meth:`Store.begin`: this process
+    commits it, or aborts it whole) and an :class:`AttachedStaging` (from
+    :meth:`Store.attach`: files written into a checkpoint another process began).
+
+    Use it as a context manager: an exception inside the block aborts it (and an ``OSError``
+    becomes ``CheckpointWriteError``); what a normal exit does depends on the kind.
 
     Attributes:
         location: where the checkpoint's files are written: pass it to :meth:`Store.attach`
             in another process to write files into the same checkpoint.
         final: where the checkpoint becomes visible once committed.
-        can_commit: False for a staging obtained with :meth:`Store.attach`.
         parallel_writes: how many files it is worth writing at the same time.
     """
 
     location: str
     final: str
-    can_commit: bool
     parallel_writes: int = 1
 
     @abc.abstractmethod
@@ -105,30 +170,27 @@ class Staging(abc.ABC):
 
     @abc.abstractmethod
     def abort(self) -> None:
-        """Remove everything written so far (best effort, idempotent)."""
+        """Remove what was written (best effort, idempotent): see the two kinds."""
 
     @abc.abstractmethod
     def reader(self) -> Store:
         """A store rooted at the files written so far (to read them back before committing)."""
 
-    def local_dir(self) -> str | None:
-        """The local directory holding the files, when there is one (used to drop page caches)."""
-        return None
+    def drop_caches(self) -> None:
+        """Have the next read of the files written so far come from the storage, not a cache."""
+        return None  # backends without a cache of their own: nothing to drop
 
     def write_error(self, exc: OSError) -> CheckpointWriteError:
         """The ``CheckpointWriteError`` that reports ``exc`` (what failed, where, what to do)."""
-        reason = exc.strerror or str(exc)
-        return CheckpointWriteError(
-            exc.errno or 0,
-            f"cannot write checkpoint {self.final}: {reason}; nothing was committed, check the storage and try again",
+        message = (
+            f"cannot write checkpoint {self.final}: {exc.strerror or exc}; nothing was committed, "
+            "check the storage and try again"
         )
+        return CheckpointWriteError(exc.errno, message) if exc.errno else CheckpointWriteError(message)
 
-    def _refuse_commit(self) -> None:
-        if not self.can_commit:
-            raise CheckpointError(
-                f"{self.location}: this staging was attached to a checkpoint begun elsewhere and cannot "
-                "commit it; the process that called Store.begin() commits"
-            )
+    @abc.abstractmethod
+    def _leave(self) -> None:
+        """What leaving the ``with`` block without an exception does."""
 
     def __enter__(self) -> Staging:
         return self
@@ -140,8 +202,47 @@ class Staging(abc.ABC):
             self.abort()
             if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
                 raise self.write_error(exc) from exc
-        elif self.can_commit and not getattr(self, "committed", False):
+        else:
+            self._leave()
+
+
+class BegunStaging(Staging):
+    """A checkpoint this process began (:meth:`Store.begin`): it commits it, or aborts it whole.
+
+    :meth:`abort` removes every file of the checkpoint, also those attached processes wrote;
+    leaving the ``with`` block without committing aborts it.
+
+    Attributes:
+        committed: True once :meth:`commit` succeeded (``abort`` then does nothing).
+    """
+
+    committed: bool = False
+
+    def _leave(self) -> None:
+        if not self.committed:
             self.abort()
+
+
+class AttachedStaging(Staging):
+    """Files written into a checkpoint another process began (:meth:`Store.attach`).
+
+    It cannot commit (the process that began the checkpoint does); :meth:`abort` removes only
+    the files it wrote, and leaving the ``with`` block normally leaves them to the owner.
+    """
+
+    def commit(self, manifest: bytes) -> str:
+        """Refused: only the process that called :meth:`Store.begin` commits.
+
+        Raises:
+            CheckpointError: always.
+        """
+        raise CheckpointError(
+            f"{self.location}: this staging was attached to a checkpoint begun elsewhere and cannot "
+            "commit it; the process that called Store.begin() commits"
+        )
+
+    def _leave(self) -> None:
+        pass
 
 
 class Store(abc.ABC):
@@ -182,7 +283,44 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def exists(self, name: str = "") -> bool:
-        """True when ``name`` (a file or a directory/prefix) exists; ``""`` is the root itself."""
+        """True when ``name`` (a file or a directory/prefix) exists; ``""`` is the root itself.
+
+        Locally a symlink exists even when its target does not (``os.path.lexists``).
+        """
+
+    @abc.abstractmethod
+    def kind(self, name: str = "") -> EntryKind | None:
+        """What ``name`` is (``""``: the root): ``"file"``, ``"directory"``, ``"other"``, or None when missing.
+
+        For messages and checks only: it follows symlinks locally (as ``os.path.isdir``
+        does), while every read and write refuses them. On object stores an object is a
+        ``"file"`` and a non-empty prefix a ``"directory"``.
+        """
+
+    def check_directory(self, needs: str) -> None:
+        """Refuse a root that exists and is not a directory (a file where the run should be).
+
+        Args:
+            needs: the end of the message, saying what needs a directory
+                (``"a CheckpointManager needs a directory"``).
+
+        Raises:
+            CheckpointWriteError: ``errno.ENOTDIR``, the root is a file.
+        """
+        if self.kind() not in (None, "directory"):
+            raise CheckpointWriteError(errno.ENOTDIR, f"{self.location} is a file; {needs}")
+
+    @abc.abstractmethod
+    def size(self, name: str = "") -> int:
+        """Bytes in the files under ``name`` (a file's own size), 0 when missing; symlinks are not followed."""
+
+    def modified(self, name: str = "") -> float | None:
+        """When ``name`` was last modified (POSIX seconds), or None when missing or not kept by the backend."""
+        return None
+
+    def drop_caches(self, name: str = "") -> None:
+        """Have the next read of the files directly under ``name`` come from the storage, not a cache."""
+        return None  # backends without a cache of their own: nothing to drop
 
     @abc.abstractmethod
     def list_committed(self) -> dict[int, str]:
@@ -192,9 +330,32 @@ class Store(abc.ABC):
     def list_leftovers(self) -> list[str]:
         """Locations of the remains of interrupted saves or deletions; readers ignore them."""
 
+    def list_extras(self) -> list[Extra]:
+        """Every entry of the run that is runstate's but not a committed checkpoint, with its kind.
+
+        The leftovers :meth:`list_leftovers` finds (:data:`INTERRUPTED_SAVE`,
+        :data:`INTERRUPTED_DELETION`), checkpoints set aside as damaged (:data:`DAMAGED`) or
+        by a rollback (:data:`ABANDONED`), and ``step-<digits>`` entries that are not the
+        run's name for their step (:data:`MISNAMED`); sorted by kind, then name.
+        """
+        found = [self._leftover(location) for location in self.list_leftovers()]
+        abandoned = _aside_re(ABANDONED)
+        for name in self.list_names():
+            for kind, pattern in ((DAMAGED, _DAMAGED_RE), (ABANDONED, abandoned), (MISNAMED, _STEP_LIKE_RE)):
+                m = pattern.match(name)
+                if m and not (kind == MISNAMED and STEP_RE.match(name)):
+                    found.append(Extra(name, self.join(name), kind, int(m.group(1))))
+        return sorted(found, key=lambda e: (e.kind, e.name))
+
+    def _leftover(self, location: str) -> Extra:
+        """The :class:`Extra` of a location :meth:`list_leftovers` returned (backends name their own)."""
+        name = location.rstrip("/").rsplit("/", 1)[-1]
+        m = _STEP_LIKE_RE.match(name)
+        return Extra(name, location, INTERRUPTED_SAVE, int(m.group(1)) if m else None)
+
     # -- writing -----------------------------------------------------------------------------
     @abc.abstractmethod
-    def begin(self, name: str | int) -> Staging:
+    def begin(self, name: str | int) -> BegunStaging:
         """Start writing the checkpoint ``name`` (a step number means ``step-<N>``).
 
         Raises:
@@ -203,8 +364,12 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def attach(self, location: str) -> Staging:
-        """Write files into the uncommitted checkpoint another process began (cannot commit)."""
+    def attach(self, location: str) -> AttachedStaging:
+        """Write files into the uncommitted checkpoint another process began (cannot commit).
+
+        Raises:
+            CheckpointWriteError: ``location`` is not the :attr:`Staging.location` of a checkpoint being saved.
+        """
 
     @abc.abstractmethod
     def delete(self, name: str) -> None:
@@ -238,11 +403,22 @@ class Store(abc.ABC):
         """
         return self.rename(name, f"{name}.{tag}-{uuid.uuid4().hex[:12]}")
 
+    def set_aside_damaged(self, name: str) -> str:
+        """Move the damaged checkpoint ``name`` to ``<name>.corrupt-<unix seconds>``; return its new location.
+
+        Readers and retention ignore the new name; :meth:`list_extras` lists it as :data:`DAMAGED`.
+
+        Raises:
+            CheckpointWriteError: the storage failed; ``name`` is still where it was.
+        """
+        return self.rename(name, f"{name}.corrupt-{int(time.time())}")
+
     def list_aside(self, tag: str) -> list[tuple[int, str]]:
         """``(step, name)`` of every checkpoint set aside with ``tag``, by step."""
         found = []
+        pattern = _aside_re(tag)
         for name in self.list_names():
-            m = re.match(r"^step-([0-9]+)\." + re.escape(tag) + r"-[0-9a-f]{12}\Z", name)
+            m = pattern.match(name)
             if m:
                 found.append((int(m.group(1)), name))
         return sorted(found)

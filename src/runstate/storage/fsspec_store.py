@@ -26,21 +26,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import json
 import logging
-import os
-import socket
-import time
-import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
-from runstate.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError, LockError, StepExistsError
+from runstate.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError, StepExistsError
 from runstate.format.manifest import MANIFEST_NAME
-from runstate.storage.base import LOCK_NAME, STEP_RE, Staging, Store, step_dirname
+from runstate.storage._fs import object_write_error
+from runstate.storage._object_lock import ObjectLock
+from runstate.storage.base import STEP_RE, AttachedStaging, BegunStaging, EntryKind, Store, step_dirname
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "FsspecStaging", "FsspecStore", "ObjectLock"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "FsspecAttachedStaging", "FsspecStaging", "FsspecStore", "ObjectLock"]
 
 logger = logging.getLogger("runstate")
 
@@ -52,8 +49,6 @@ DEFAULT_MAX_WORKERS = 8
 _PARALLEL_READ = 8 * 1024 * 1024
 #: Small reads fetch this much ahead (one request reads a safetensors header and small tensors).
 _READ_AHEAD = 1024 * 1024
-#: A lock object older than this whose owner cannot be checked is taken over (with a warning).
-DEFAULT_LOCK_TIMEOUT = 3600.0
 
 
 def _fsspec() -> Any:
@@ -66,9 +61,6 @@ def _fsspec() -> Any:
     return fsspec
 
 
-def _write_error(exc: BaseException, what: str, where: str, consequence: str = "nothing was committed") -> CheckpointWriteError:
-    code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-    return CheckpointWriteError(code, f"{what} {where}: {exc}; {consequence}, check the storage and credentials and try again")
 
 
 class _RangeFile(io.RawIOBase):
@@ -131,16 +123,18 @@ class _RangeFile(io.RawIOBase):
         return n
 
 
-class FsspecStaging(Staging):
-    """A checkpoint being written in place under its final prefix; ``manifest.json`` commits it."""
+class _FsspecFiles:
+    """What both kinds of fsspec staging share: new objects under the checkpoint's final prefix."""
 
-    def __init__(self, store: FsspecStore, name: str, *, can_commit: bool) -> None:
+    location: str
+    final: str
+    parallel_writes: int
+
+    def __init__(self, store: FsspecStore, name: str) -> None:
         self._store = store
         self._name = name
         self.location = store.join(name)
         self.final = self.location
-        self.can_commit = can_commit
-        self.committed = False
         self.parallel_writes = store.max_workers
         self._written: list[str] = []
 
@@ -162,9 +156,16 @@ class FsspecStaging(Staging):
             raise
         f.close()
 
+    def reader(self) -> FsspecStore:
+        """The store of the prefix being written."""
+        return self._store.child(self._name)
+
+
+class FsspecStaging(_FsspecFiles, BegunStaging):
+    """A checkpoint being written in place under its final prefix; ``manifest.json`` commits it."""
+
     def commit(self, manifest: bytes) -> str:
         """Upload ``manifest.json``: one PUT, atomic; the checkpoint is visible from then on."""
-        self._refuse_commit()
         path = self._store.path(f"{self._name}/{MANIFEST_NAME}")
         try:
             self._store.fs.pipe_file(path, manifest)
@@ -173,26 +174,27 @@ class FsspecStaging(Staging):
             if isinstance(exc, CheckpointError):
                 raise
             if isinstance(exc, Exception):
-                raise _write_error(exc, "cannot write", path) from exc
+                raise object_write_error(exc, "cannot write", path) from exc
             raise
         self.committed = True
         return self.final
 
     def abort(self) -> None:
-        """Delete what was written: the whole prefix, or only this process's files when attached."""
+        """Delete the whole prefix, also the files attached processes wrote."""
         if self.committed:
             return
-        if self.can_commit:
-            with contextlib.suppress(Exception):
-                self._store.delete(self._name)
-        else:
-            for path in self._written:
-                with contextlib.suppress(Exception):
-                    self._store.fs.rm_file(path)
+        with contextlib.suppress(Exception):
+            self._store.delete(self._name)
 
-    def reader(self) -> FsspecStore:
-        """The store of the prefix being written."""
-        return self._store.child(self._name)
+
+class FsspecAttachedStaging(_FsspecFiles, AttachedStaging):
+    """Files written under the prefix of a checkpoint another process began."""
+
+    def abort(self) -> None:
+        """Delete the files this staging wrote (the prefix is the owner's)."""
+        for path in self._written:
+            with contextlib.suppress(Exception):
+                self._store.fs.rm_file(path)
 
 
 class FsspecStore(Store):
@@ -269,6 +271,25 @@ class FsspecStore(Store):
         self.fs.invalidate_cache(self.path(name))
         return bool(self.fs.exists(self.path(name)))
 
+    def kind(self, name: str = "") -> EntryKind | None:
+        """An object is a ``"file"``, a prefix holding objects a ``"directory"``; None when neither."""
+        path = self.path(name)
+        self.fs.invalidate_cache(path)
+        try:
+            found = self.fs.info(path).get("type")
+        except FileNotFoundError:
+            return None
+        return "directory" if found == "directory" else "file" if found == "file" else "other"
+
+    def size(self, name: str = "") -> int:
+        """Bytes of the objects under ``name`` (``fs.du``), 0 when there are none."""
+        path = self.path(name)
+        self.fs.invalidate_cache(path)
+        try:
+            return int(self.fs.du(path, total=True))
+        except FileNotFoundError:
+            return 0
+
     def _steps(self) -> dict[str, bool]:
         """Every ``step-N`` name under the root, and whether it holds a ``manifest.json``.
 
@@ -304,11 +325,7 @@ class FsspecStore(Store):
 
     def list_leftovers(self) -> list[str]:
         """``step-N`` prefixes without ``manifest.json``: interrupted saves or deletions."""
-        return sorted(
-            self.join(name)
-            for name, committed in self._steps().items()
-            if not committed
-        )
+        return sorted(self.join(name) for name, committed in self._steps().items() if not committed)
 
     # -- writing -------------------------------------------------------------------------------
     def begin(self, name: str | int) -> FsspecStaging:
@@ -322,8 +339,8 @@ class FsspecStore(Store):
                 self.fs.rm(self.path(name), recursive=True)
             self.make_dirs(name)
         except (OSError, ValueError) as exc:
-            raise _write_error(exc, "cannot prepare", self.join(name)) from exc
-        return FsspecStaging(self, name, can_commit=True)
+            raise object_write_error(exc, "cannot prepare", self.join(name)) from exc
+        return FsspecStaging(self, name)
 
     def make_dirs(self, name: str = "") -> None:
         """Create ``name`` as a directory where directories are real (``file://``); no-op on object stores."""
@@ -331,13 +348,13 @@ class FsspecStore(Store):
         if "file" in protocols or "local" in protocols:
             self.fs.makedirs(self.path(name), exist_ok=True)
 
-    def attach(self, location: str) -> FsspecStaging:
+    def attach(self, location: str) -> FsspecAttachedStaging:
         """Write into the prefix ``location`` that :meth:`begin` started (possibly in another process)."""
         if not location.startswith(self.location + "/"):
             raise CheckpointWriteError(
                 errno.EINVAL, f"cannot attach to {location}: it is not inside {self.location}; pass a Staging.location"
             )
-        return FsspecStaging(self, location[len(self.location) + 1 :], can_commit=False)
+        return FsspecAttachedStaging(self, location[len(self.location) + 1 :])
 
     def delete(self, name: str) -> None:
         """Remove ``manifest.json`` first (invisible at once), then every other object."""
@@ -345,7 +362,7 @@ class FsspecStore(Store):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self.path(f"{name}/{MANIFEST_NAME}"))
         except Exception as exc:
-            raise _write_error(exc, "cannot delete", self.join(name), "it is still there") from exc
+            raise object_write_error(exc, "cannot delete", self.join(name), "it is still there") from exc
         try:
             self.fs.invalidate_cache(self.path(name))
             if self.fs.exists(self.path(name)):
@@ -354,7 +371,7 @@ class FsspecStore(Store):
             pass
         except Exception as exc:
             left = "it is gone, but some of its objects remain until the next writer removes them"
-            raise _write_error(exc, "cannot delete", self.join(name), left) from exc
+            raise object_write_error(exc, "cannot delete", self.join(name), left) from exc
 
     def rename(self, name: str, new_name: str) -> str:
         """Copy every object (``manifest.json`` last), then delete the original."""
@@ -367,7 +384,7 @@ class FsspecStore(Store):
             for f in files:
                 self.fs.copy(self.path(f"{name}/{f}"), self.path(f"{new_name}/{f}"))
         except Exception as exc:
-            raise _write_error(exc, "cannot copy", self.join(name), f"it stays where it is (wanted {new_name})") from exc
+            raise object_write_error(exc, "cannot copy", self.join(name), f"it stays where it is (wanted {new_name})") from exc
         self.delete(name)
         return self.join(new_name)
 
@@ -391,108 +408,3 @@ class FsspecStore(Store):
         except FileNotFoundError:
             return []
         return sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries})
-
-
-class ObjectLock:
-    """An advisory writer lock: a ``.lock`` object holding its owner's pid, host, time and a token.
-
-    Object stores cannot lock, so this only catches mistakes: ``acquire`` raises ``LockError``
-    when the object names another owner that may still be alive, i.e. another process on
-    this host whose pid is alive, or any owner on another host whose lock is younger than
-    ``timeout`` seconds (refreshed at every save). A lock whose owner is known dead (same
-    host, pid gone) or older than ``timeout`` is taken over with a warning. Two writers
-    starting at the same instant can both succeed: one writer per run is the user's job.
-
-    A damaged lock object (not JSON, or a field missing or of the wrong type or range: a
-    truncated upload, a hand edit) names no owner that could be alive, so it is taken over
-    with a warning too, never reported as a raw ``ValueError``/``TypeError``.
-    """
-
-    def __init__(self, store: FsspecStore, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
-        self._store = store
-        self._path = store.path(LOCK_NAME)
-        self._token = uuid.uuid4().hex
-        self._held = False
-        self.timeout = timeout
-
-    @property
-    def held(self) -> bool:
-        """True while this object holds the lock."""
-        return self._held
-
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            raw = self._store.fs.cat_file(self._path)
-        except FileNotFoundError:
-            return None
-        try:
-            owner = json.loads(raw)
-        except (ValueError, RecursionError):  # also invalid UTF-8, or nesting too deep to decode
-            return {}
-        return owner if isinstance(owner, dict) else {}
-
-    @staticmethod
-    def _damage(owner: Mapping[str, Any]) -> str | None:
-        """What is wrong with a lock object's content, or None when it is well formed."""
-        if not owner:
-            return "not a JSON object"
-        pid, host, when, token = (owner.get(k) for k in ("pid", "host", "time", "token"))
-        if type(pid) is not int or not 0 < pid < 2**31:
-            return f"pid {pid!r:.40} is not a process id"
-        if not isinstance(host, str) or not isinstance(token, str):
-            return "host or token is not a string"
-        if isinstance(when, bool) or not isinstance(when, (int, float)) or not 0 <= when < 1e11:  # NaN fails too
-            return f"time {when!r:.40} is not a timestamp"
-        return None
-
-    def _alive(self, owner: Mapping[str, Any]) -> bool:
-        age = time.time() - float(owner["time"])
-        if owner["host"] == socket.gethostname():
-            try:
-                os.kill(owner["pid"], 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
-        return age < self.timeout
-
-    def acquire(self) -> None:
-        """Take (or refresh) the lock; raise ``LockError`` if another owner may be alive."""
-        self._store.fs.invalidate_cache(self._path)
-        owner = self._read()
-        damage = None if owner is None else self._damage(owner)
-        if owner is not None and damage is not None:
-            logger.warning(
-                "taking over the damaged lock object %s (%s); it names no writer that could be alive",
-                self._store.join(LOCK_NAME),
-                damage,
-            )
-        elif owner is not None and owner["token"] != self._token:
-            who = f"pid {owner['pid']} on {owner['host']}, written {time.ctime(float(owner['time']))}"
-            if self._alive(owner):
-                raise LockError(
-                    errno.EWOULDBLOCK,
-                    f"{self._store.location} is being written by another CheckpointManager ({who}); only one "
-                    f"writer per run is allowed: stop the other one, use another location, or, if it is dead, "
-                    f"delete {self._store.join(LOCK_NAME)}",
-                )
-            logger.warning("taking over the lock of %s from a writer that is gone (%s)", self._store.location, who)
-        mine = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "token": self._token}
-        try:
-            self._store.make_dirs()
-            self._store.fs.pipe_file(self._path, json.dumps(mine).encode())
-        except Exception as exc:
-            raise _write_error(exc, "cannot write lock object", self._store.join(LOCK_NAME)) from exc
-        self._held = True
-
-    def release(self) -> None:
-        """Delete the lock object if it is still ours (idempotent)."""
-        if not self._held:
-            return
-        self._held = False
-        with contextlib.suppress(Exception):
-            self._store.fs.invalidate_cache(self._path)
-            owner = self._read()
-            if owner is not None and owner.get("token") == self._token:
-                self._store.fs.rm_file(self._path)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as lrs
+
+from runstate.errors import CheckpointConfigError
 
 __all__ = ["Rewarm", "extend_schedule", "reset_optimizer_state", "set_hparams"]
 
@@ -57,7 +59,9 @@ def _rescale(value: float, old: float, new: float, floor: float) -> float:
 
 def _set_lr(optimizer: Optimizer, scheduler: Scheduler | None, groups: Sequence[int], lr: float) -> None:
     if isinstance(scheduler, lrs.CyclicLR):
-        raise ValueError("set_hparams: CyclicLR has two bases (base_lr, max_lr); rebuild it with the new values")
+        raise CheckpointConfigError(
+            "set_hparams: CyclicLR has two bases (base_lr, max_lr); rebuild it with the new values"
+        )
     onecycle = [s for s in (_children(scheduler) if scheduler is not None else []) if isinstance(s, lrs.OneCycleLR)]
     floor = _floor(scheduler)
     for i in groups:
@@ -78,6 +82,25 @@ def _set_lr(optimizer: Optimizer, scheduler: Scheduler | None, groups: Sequence[
                 s._last_lr[i] = float(group["lr"])
         if isinstance(scheduler, lrs.ReduceLROnPlateau):
             scheduler._last_lr = [float(g["lr"]) for g in optimizer.param_groups]
+
+
+def _chosen_groups(optimizer: Optimizer, groups: Iterable[int] | None) -> list[int]:
+    """The indices of the param groups to change; all of them when ``groups`` is None."""
+    chosen = list(range(len(optimizer.param_groups))) if groups is None else list(groups)
+    for i in chosen:
+        if not 0 <= i < len(optimizer.param_groups):
+            raise CheckpointConfigError(
+                f"set_hparams: param group {i} does not exist (the optimizer has {len(optimizer.param_groups)})"
+            )
+    return chosen
+
+
+def _set_in_groups(optimizer: Optimizer, chosen: Sequence[int], name: str, value: float | tuple[float, ...]) -> None:
+    for i in chosen:
+        group = optimizer.param_groups[i]
+        if name not in group:
+            raise CheckpointConfigError(f"set_hparams: param group {i} of {type(optimizer).__name__} has no {name!r}")
+        group[name] = value
 
 
 def set_hparams(
@@ -111,7 +134,7 @@ def set_hparams(
         groups: indices of the param groups to change (default: all).
 
     Raises:
-        ValueError: a group lacks the hyper-parameter, or the scheduler keeps its own copy
+        CheckpointConfigError: a group lacks the hyper-parameter, or the scheduler keeps its own copy
             that this function cannot update consistently (CyclicLR; OneCycleLR with
             ``cycle_momentum`` for betas/momentum).
 
@@ -119,26 +142,16 @@ def set_hparams(
         >>> mgr.restore(state)  # doctest: +SKIP
         >>> runstate.torch.set_hparams(opt, sched, lr=3e-4)  # doctest: +SKIP
     """
-    chosen = list(range(len(optimizer.param_groups))) if groups is None else list(groups)
-    for i in chosen:
-        if not 0 <= i < len(optimizer.param_groups):
-            raise ValueError(
-                f"set_hparams: param group {i} does not exist (the optimizer has {len(optimizer.param_groups)})"
-            )
+    chosen = _chosen_groups(optimizer, groups)
     cycling = any(getattr(s, "cycle_momentum", False) for s in (_children(scheduler) if scheduler is not None else []))
     if cycling and (betas is not None or momentum is not None):
-        raise ValueError(
+        raise CheckpointConfigError(
             "set_hparams: this OneCycleLR cycles momentum/betas itself (cycle_momentum=True) and would "
             "overwrite them at its next step; change base_momentum/max_momentum in its param groups instead"
         )
     for name, value in (("weight_decay", weight_decay), ("betas", betas), ("momentum", momentum)):
-        if value is None:
-            continue
-        for i in chosen:
-            group = optimizer.param_groups[i]
-            if name not in group:
-                raise ValueError(f"set_hparams: param group {i} of {type(optimizer).__name__} has no {name!r}")
-            group[name] = tuple(value) if name == "betas" else float(value)  # type: ignore[arg-type]
+        if value is not None:
+            _set_in_groups(optimizer, chosen, name, tuple(value) if name == "betas" else float(value))  # type: ignore[arg-type]
     if lr is not None:
         _set_lr(optimizer, scheduler, chosen, float(lr))
 
@@ -169,9 +182,9 @@ class Rewarm:
         self, optimizer: Optimizer, *, steps: int, scheduler: Scheduler | None = None, start_factor: float = 0.01
     ) -> None:
         if type(steps) is not int or steps < 1:
-            raise ValueError(f"Rewarm: steps must be a positive int, got {steps!r}")
+            raise CheckpointConfigError(f"Rewarm: steps must be a positive int, got {steps!r}")
         if not 0 < start_factor <= 1:
-            raise ValueError(f"Rewarm: start_factor must be in (0, 1], got {start_factor!r}")
+            raise CheckpointConfigError(f"Rewarm: start_factor must be in (0, 1], got {start_factor!r}")
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.steps = steps
@@ -229,53 +242,73 @@ def extend_schedule(scheduler: Scheduler, *, total_steps: int) -> None:
     * PolynomialLR: ``total_iters`` and the base, likewise.
 
     Raises:
-        ValueError: ``total_steps`` is not after the current step, or the scheduler is of
+        CheckpointConfigError: ``total_steps`` is not after the current step, or the scheduler is of
             another kind.
     """
     t = int(scheduler.last_epoch)
     if type(total_steps) is not int or total_steps <= t:
-        raise ValueError(f"extend_schedule: total_steps={total_steps!r} must be an int after the current step {t}")
-    opt = scheduler.optimizer
-    if isinstance(scheduler, lrs.OneCycleLR):
-        phases = scheduler._schedule_phases
-        last = phases[-1]
-        start = float(phases[-2]["end_step"]) if len(phases) > 1 else 0.0
-        if t > start:  # annealing: keep the fraction done, stretch what is left
-            pct = (t - start) / (float(last["end_step"]) - start)
-            new_end = float(total_steps - 1)
-            new_start = (t - pct * new_end) / (1.0 - pct)
-            if len(phases) > 1:
-                phases[-2]["end_step"] = new_start
-            last["end_step"] = new_end
-        else:
-            last["end_step"] = float(total_steps - 1)
-        scheduler.total_steps = total_steps
-    elif isinstance(scheduler, lrs.CosineAnnealingLR):
-        eta = float(scheduler.eta_min)
-        c = (1 + math.cos(math.pi * t / total_steps)) / 2
-        for i, group in enumerate(opt.param_groups):
-            scheduler.base_lrs[i] = eta + (float(group["lr"]) - eta) / c
-        scheduler.T_max = total_steps
-    elif isinstance(scheduler, lrs.LinearLR):
-        old = (
-            scheduler.start_factor
-            + (scheduler.end_factor - scheduler.start_factor) * min(t, scheduler.total_iters) / scheduler.total_iters
+        raise CheckpointConfigError(
+            f"extend_schedule: total_steps={total_steps!r} must be an int after the current step {t}"
         )
-        frac = t / total_steps
-        scheduler.start_factor = (old - scheduler.end_factor * frac) / (1 - frac)
-        scheduler.total_iters = total_steps
-        for i, group in enumerate(opt.param_groups):
-            scheduler.base_lrs[i] = float(group["lr"]) / old
-    elif isinstance(scheduler, lrs.PolynomialLR):
-        factor = (1 - t / total_steps) ** scheduler.power
-        for i, group in enumerate(opt.param_groups):
-            scheduler.base_lrs[i] = float(group["lr"]) / factor
-        scheduler.total_iters = total_steps
-    else:
-        raise ValueError(
+    stretch = next((f for cls, f in _STRETCH.items() if isinstance(scheduler, cls)), None)
+    if stretch is None:
+        raise CheckpointConfigError(
             f"extend_schedule: {type(scheduler).__name__} is not supported "
             "(OneCycleLR, CosineAnnealingLR, LinearLR, PolynomialLR are)"
         )
+    stretch(scheduler, t, total_steps)
+
+
+def _stretch_one_cycle(scheduler: Scheduler, t: int, total_steps: int) -> None:
+    phases = scheduler._schedule_phases
+    last = phases[-1]
+    start = float(phases[-2]["end_step"]) if len(phases) > 1 else 0.0
+    if t > start:  # annealing: keep the fraction done, stretch what is left
+        pct = (t - start) / (float(last["end_step"]) - start)
+        new_end = float(total_steps - 1)
+        new_start = (t - pct * new_end) / (1.0 - pct)
+        if len(phases) > 1:
+            phases[-2]["end_step"] = new_start
+        last["end_step"] = new_end
+    else:
+        last["end_step"] = float(total_steps - 1)
+    scheduler.total_steps = total_steps
+
+
+def _stretch_cosine(scheduler: Scheduler, t: int, total_steps: int) -> None:
+    eta = float(scheduler.eta_min)
+    c = (1 + math.cos(math.pi * t / total_steps)) / 2
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        scheduler.base_lrs[i] = eta + (float(group["lr"]) - eta) / c
+    scheduler.T_max = total_steps
+
+
+def _stretch_linear(scheduler: Scheduler, t: int, total_steps: int) -> None:
+    old = (
+        scheduler.start_factor
+        + (scheduler.end_factor - scheduler.start_factor) * min(t, scheduler.total_iters) / scheduler.total_iters
+    )
+    frac = t / total_steps
+    scheduler.start_factor = (old - scheduler.end_factor * frac) / (1 - frac)
+    scheduler.total_iters = total_steps
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        scheduler.base_lrs[i] = float(group["lr"]) / old
+
+
+def _stretch_polynomial(scheduler: Scheduler, t: int, total_steps: int) -> None:
+    factor = (1 - t / total_steps) ** scheduler.power
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        scheduler.base_lrs[i] = float(group["lr"]) / factor
+    scheduler.total_iters = total_steps
+
+
+#: How :func:`extend_schedule` moves the horizon of each scheduler class it supports.
+_STRETCH: dict[type, Callable[[Scheduler, int, int], None]] = {
+    lrs.OneCycleLR: _stretch_one_cycle,
+    lrs.CosineAnnealingLR: _stretch_cosine,
+    lrs.LinearLR: _stretch_linear,
+    lrs.PolynomialLR: _stretch_polynomial,
+}
 
 
 def reset_optimizer_state(optimizer: Optimizer, params: Iterable[torch.Tensor] | None = None) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from runstate.errors import StateMismatchError
 from runstate.manager import CheckpointManager
 from runstate.rng import RNG
 
@@ -102,15 +103,17 @@ class State:
         """Assign every stored value to its variable, after checking that all of them fit.
 
         Raises:
-            ValueError: a variable is missing, extra or of another shape (nothing is assigned).
+            StateMismatchError: a variable is missing, extra or of another shape (nothing is assigned).
         """
         live = self._by_key()
         if live.keys() != state_dict.keys():
             diff = sorted(live.keys() ^ state_dict.keys())
-            raise ValueError(f"the checkpoint and the live model differ in variables {diff[:8]}")
+            raise StateMismatchError(f"the checkpoint and the live model differ in variables {diff[:8]}")
         for key, v in live.items():
             if tuple(np.shape(state_dict[key])) != tuple(v.shape):
-                raise ValueError(f"{key} ({v.path}): shape {np.shape(state_dict[key])} stored, {tuple(v.shape)} live")
+                raise StateMismatchError(
+                    f"{key} ({v.path}): shape {np.shape(state_dict[key])} stored, {tuple(v.shape)} live"
+                )
         for key, v in live.items():
             v.assign(state_dict[key])
 

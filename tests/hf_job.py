@@ -1,0 +1,450 @@
+"""Tiny Hugging Face training jobs for tests/test_hf.py, each run in its own process.
+
+``python tests/hf_job.py --serve`` imports transformers once (it takes seconds) and forks one
+process per job (see :func:`serve`); ``python tests/hf_job.py RUN_DIR MODE [options]`` runs one.
+
+MODE:
+  trainer     a transformers.Trainer (tiny GPT-2 with dropout, AdamW, warmup + cosine, gradient
+              accumulation 2, 12 batches = 6 optimizer steps per epoch, 2 epochs) attached to
+              CheckpointManager(RUN_DIR/ckpt, save_every_steps=--every): resumes by itself;
+  weights     the negative control: the same Trainer, resumed from the weights only;
+  own         the same Trainer with its own checkpoints and resume_from_checkpoint=True;
+  accelerate  a plain Accelerate loop (prepare model, optimizer, stateful data loader and
+              scheduler; accelerator.accumulate) saved with runstate.hf.accelerate_state;
+  doc         a docs/huggingface.md example (--example), run as printed;
+  refusals    what attach refuses, with the messages (RUN_DIR/errors.json).
+
+Each training process appends its first global step to RUN_DIR/starts.txt; at the end a job
+writes RUN_DIR/final.safetensors (parameters and AdamW moments) and RUN_DIR/log.json (the
+logged losses). --kill-at STEP: SIGKILL itself at the end of STEP, before that step's save;
+--term-at STEP: SIGTERM itself there (an attached Trainer saves that step, stops, exits 75);
+--kill-in-save STEP: SIGKILL itself in the middle of the checkpoint of STEP. Under
+``runstate run`` only the first start is killed and only the second SIGTERMed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import re
+import select
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from datasets import Dataset
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    get_cosine_schedule_with_warmup,
+)
+
+import runstate
+import runstate.hf
+
+VOCAB, LENGTH, SAMPLES, BATCH = 61, 12, 48, 4  # 12 batches per epoch = 6 updates (gas 2)
+UPDATES_PER_EPOCH = SAMPLES // BATCH // 2
+
+
+class Augmented(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """Token rows, shifted by a random amount drawn from Python's, NumPy's and torch's global RNGs."""
+
+    def __init__(self, rows: list[list[int]], *, augment: bool = True) -> None:
+        self.rows, self.augment = rows, augment
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        shift = 0
+        if self.augment:
+            shift = random.randrange(VOCAB) + int(np.random.randint(VOCAB)) + int(torch.randint(0, VOCAB, ()).item())
+        ids = (torch.tensor(self.rows[index]) + shift) % VOCAB
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+class Probe(TrainerCallback):  # type: ignore[misc]
+    """Records where this process started; SIGKILLs it at the end of a given step."""
+
+    def __init__(self, run_dir: Path, kill_at: int | None, term_at: int | None) -> None:
+        self.run_dir, self.kill_at, self.term_at = run_dir, kill_at, term_at
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        with open(self.run_dir / "starts.txt", "a") as f:
+            f.write(f"{state.global_step}\n")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        restarts = os.environ.get("RUNSTATE_RESTART_COUNT")
+        if restarts is not None and state.global_step in (self.kill_at, self.term_at):
+            # Under `runstate run`: the first start is killed, the second preempted, then no more.
+            if (restarts, state.global_step) == ("0", self.kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if (restarts, state.global_step) == ("1", self.term_at):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if state.global_step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if state.global_step == self.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice: save at this step's end, stop
+
+
+def rows() -> list[list[int]]:
+    return torch.randint(0, VOCAB, (SAMPLES, LENGTH), generator=torch.Generator().manual_seed(1234)).tolist()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=LENGTH, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.1, embd_pdrop=0.1
+    )
+    return GPT2LMHeadModel(config)
+
+
+def write_final(run_dir: Path, model: torch.nn.Module, optimizer: Any, losses: list[Any]) -> None:
+    tensors = {f"param.{k}": v.detach().clone().contiguous() for k, v in model.named_parameters()}
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for i, (_, param) in enumerate(model.named_parameters()):
+        for key, value in inner.state[param].items():
+            tensors[f"opt.{i}.{key}"] = value.detach().clone().reshape(-1).contiguous()
+    save_file(tensors, str(run_dir / "final.safetensors"))
+    (run_dir / "log.json").write_text(json.dumps(losses))
+
+
+def kill_in_save(trainer: Trainer, step: int) -> None:
+    """SIGKILL this process in the middle of the checkpoint of ``step``, after the model's part."""
+
+    def die_at(step_now: int) -> None:
+        if step_now == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # The Trainer's own save writes the model, then calls this; runstate's save reads the model's
+    # state_dict while it writes the checkpoint.
+    own = trainer._save_optimizer_and_scheduler
+
+    def save_optimizer_and_scheduler(output_dir: str) -> None:
+        die_at(trainer.state.global_step)
+        own(output_dir)
+
+    trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler  # type: ignore[method-assign]
+    trainer.model.register_state_dict_post_hook(lambda *_: die_at(trainer.state.global_step))
+
+
+def run_trainer(run_dir: Path, opts: argparse.Namespace) -> int:
+    dataset: Any = Augmented(rows()) if opts.augment else Dataset.from_dict({"input_ids": rows(), "labels": rows()})
+    if opts.iterable:  # a Hugging Face IterableDataset, shuffled per epoch (set_epoch)
+        dataset = dataset.to_iterable_dataset(num_shards=4).shuffle(seed=0, buffer_size=1)  # shard order per epoch
+    model = tiny_gpt2()
+    args = TrainingArguments(
+        output_dir=str(run_dir / "hf"),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=2,
+        num_train_epochs=2,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        lr_scheduler_type="cosine",
+        logging_steps=2,
+        save_strategy="steps",
+        save_steps=opts.every,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=True,
+        dataloader_num_workers=opts.workers,
+        max_steps=2 * UPDATES_PER_EPOCH if opts.iterable else -1,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=default_data_collator,
+        callbacks=[Probe(run_dir, opts.kill_at, opts.term_at)],
+    )
+    if opts.kill_in_save is not None:
+        kill_in_save(trainer, opts.kill_in_save)
+    with runstate.CheckpointManager(
+        run_dir / "ckpt",
+        keep_last=3,
+        save_every_steps=opts.every,
+        save_on_signals=(signal.SIGTERM,),
+        async_save=opts.async_save,
+    ) as mgr:
+        if opts.mode == "trainer":
+            runstate.hf.attach(trainer, mgr)
+            trainer.train()
+        elif opts.mode == "own":  # the Trainer's own checkpoints (checkpoint-N, torch.save) and resume
+            resume = any(p.name.startswith("checkpoint-") for p in (run_dir / "hf").glob("*"))
+            trainer.train(resume_from_checkpoint=True if resume else None)
+        else:  # the naive resume: the weights come back, the rest of the run starts over
+            done = mgr.restore({"model": model}, exclude=["optimizer", "scheduler", "rng", "loader", "trainer"])
+            trainer.args.max_steps = 2 * UPDATES_PER_EPOCH - int(done or 0)
+            trainer.train()
+    write_final(run_dir, model, trainer.optimizer, [e["loss"] for e in trainer.state.log_history if "loss" in e])
+    if opts.export:  # the newest checkpoint (the last step) for from_pretrained, loaded back and compared
+        export = runstate.hf.export_pretrained(mgr.path(mgr.latest_step() or 0), run_dir / "export")
+        loaded = AutoModelForCausalLM.from_pretrained(export)
+        mine, theirs = dict(model.named_parameters()), dict(loaded.named_parameters())
+        equal = mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        (run_dir / "export.json").write_text(json.dumps({"equal": equal, "parameters": len(theirs)}))
+    return mgr.exit_code
+
+
+def run_accelerate(run_dir: Path, opts: argparse.Namespace) -> int:
+    set_seed(0)
+    accelerator = Accelerator(
+        cpu=True,
+        gradient_accumulation_steps=2,
+        dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True, use_seedable_sampler=True),
+    )
+    model = tiny_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    total = 2 * UPDATES_PER_EPOCH
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=total)
+    dataset = Augmented(rows(), augment=opts.augment)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=opts.workers)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    losses: list[float] = []
+    state = runstate.hf.accelerate_state(
+        accelerator, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader, losses=losses
+    )
+    with runstate.CheckpointManager(run_dir / "ckpt", keep_last=3, save_every_steps=opts.every) as mgr:
+        step = mgr.restore(state) or 0
+        losses = state["losses"]  # replaced by the stored list
+        with open(run_dir / "starts.txt", "a") as f:
+            f.write(f"{step}\n")
+        model.train()
+        while step < total:
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                losses.append(loss.item())
+                if step == opts.kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                state["losses"] = losses
+                mgr.save(step, state)
+                if step == total:
+                    break
+    write_final(run_dir, accelerator.unwrap_model(model), optimizer, losses)
+    return 0
+
+
+def run_accelerate_own(run_dir: Path, opts: argparse.Namespace) -> int:
+    """The same Accelerate loop with accelerate's own accelerator.save_state / load_state + skip_first_batches."""
+    set_seed(0)
+    accelerator = Accelerator(
+        cpu=True, gradient_accumulation_steps=2, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
+    )
+    model = tiny_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    total = 2 * UPDATES_PER_EPOCH
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=total)
+    dataset = Augmented(rows(), augment=opts.augment)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=opts.workers)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    saved = sorted((run_dir / "acc_state").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    step, losses = 0, []
+    if saved:
+        accelerator.load_state(str(saved[-1]))
+        step = int(saved[-1].name.split("-")[1])
+        losses = json.loads((saved[-1] / "losses.json").read_text())
+    with open(run_dir / "starts.txt", "a") as f:
+        f.write(f"{step}\n")
+    skip = (2 * step) % len(loader)
+    loader.set_epoch((2 * step) // len(loader))
+    model.train()
+    while step < total:
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        skip = 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            losses.append(loss.item())
+            if step == opts.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step % opts.every == 0:
+                target = run_dir / "acc_state" / f"step-{step}"
+                accelerator.save_state(str(target))
+                (target / "losses.json").write_text(json.dumps(losses))
+            if step == total:
+                break
+    write_final(run_dir, accelerator.unwrap_model(model), optimizer, losses)
+    return 0
+
+
+def run_refusals(run_dir: Path, opts: argparse.Namespace) -> int:
+    """What attach and an attached Trainer refuse, and the messages: RUN_DIR/errors.json."""
+    dataset = Dataset.from_dict({"input_ids": rows(), "labels": rows()})
+
+    def trainer(**options: Any) -> Trainer:
+        args = TrainingArguments(
+            output_dir=str(run_dir / "hf"), report_to=[], use_cpu=True, max_steps=2, disable_tqdm=True, **options
+        )
+        return Trainer(model=tiny_gpt2(), args=args, train_dataset=dataset)
+
+    found: dict[str, list[str]] = {}
+
+    def attempt(name: str, fn: Any) -> None:
+        try:
+            fn()
+            found[name] = ["no error", ""]
+        except Exception as exc:
+            found[name] = [f"{type(exc).__module__}.{type(exc).__name__}", str(exc)]
+
+    with runstate.CheckpointManager(run_dir / "ckpt") as mgr:
+        attempt("not_a_trainer", lambda: runstate.hf.attach(object(), mgr))
+        attempt("ignore_data_skip", lambda: runstate.hf.attach(trainer(ignore_data_skip=True), mgr))
+        attempt(
+            "group_by_length",
+            lambda: runstate.hf.attach(trainer(train_sampling_strategy="group_by_length"), mgr),
+        )
+        attached = trainer()
+        runstate.hf.attach(attached, mgr)
+        attempt("twice", lambda: runstate.hf.attach(attached, mgr))
+        attempt("resume_argument", lambda: attached.train(resume_from_checkpoint=True))
+    (run_dir / "errors.json").write_text(json.dumps(found))
+    return 0
+
+
+def run_doc_example(run_dir: Path, opts: argparse.Namespace) -> int:
+    """Run a docs/huggingface.md example as printed, after a prelude that defines its inputs."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "huggingface.md").read_text()
+    code = dict(re.findall(r"<!-- example: (\w+) -->\n```python\n(.*?)```", text, re.S))[opts.example]
+    os.chdir(run_dir)
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    if opts.example == "trainer":
+        ns["model"], ns["dataset"] = tiny_gpt2(), Dataset.from_dict({"input_ids": rows(), "labels": rows()})
+        ns["args"] = TrainingArguments(
+            output_dir="hf", per_device_train_batch_size=BATCH, num_train_epochs=1, report_to=[], use_cpu=True
+        )
+    else:
+        set_seed(0)
+        model = tiny_gpt2()
+        ns["model"], ns["total_steps"] = model, 2 * UPDATES_PER_EPOCH
+        ns["optimizer"] = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        ns["scheduler"] = get_cosine_schedule_with_warmup(ns["optimizer"], 2, ns["total_steps"])
+        ns["loader"] = torch.utils.data.DataLoader(Augmented(rows(), augment=False), batch_size=BATCH, shuffle=True)
+    code_status = 0
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, "docs/huggingface.md", "exec"), ns)
+    except SystemExit as exc:  # the example ends with sys.exit(mgr.exit_code)
+        code_status = int(exc.code or 0)
+    mgr = ns["mgr"]
+    if opts.example == "trainer":
+        first = ns["trainer"]._initial_global_step
+    else:
+        first = int(re.findall(r"starting at step (\d+)", printed.getvalue())[0])
+    with open(run_dir / "doc.jsonl", "a") as f:
+        f.write(json.dumps({"first_step": int(first), "steps": mgr.steps(), "exit": code_status}) + "\n")
+    return code_status
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument(
+        "mode", choices=["trainer", "weights", "own", "accelerate", "accelerate-own", "doc", "refusals"]
+    )
+    parser.add_argument("--example", default="trainer")
+    parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--term-at", type=int, default=None)
+    parser.add_argument("--kill-in-save", type=int, default=None)
+    parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--iterable", action="store_true")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--every", type=int, default=3)
+    parser.add_argument("--export", action="store_true")
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    run_dir = Path(opts.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if opts.mode == "accelerate":
+        return run_accelerate(run_dir, opts)
+    if opts.mode == "doc":
+        return run_doc_example(run_dir, opts)
+    if opts.mode == "refusals":
+        return run_refusals(run_dir, opts)
+    if opts.mode == "accelerate-own":
+        return run_accelerate_own(run_dir, opts)
+    return run_trainer(run_dir, opts)
+
+
+def serve() -> None:
+    """Run jobs forked from this process, which imported transformers once.
+
+    Reads one JSON line ``[ident, [args...]]`` per job on stdin, forks a child that runs
+    ``main(args)`` (its output goes to ``RUN_DIR/output.txt``), and writes ``[ident, exit code]``
+    on stdout when the child ends (-9 after a SIGKILL). Jobs run concurrently; each child is a
+    new process that has trained nothing before.
+    """
+    running: dict[int, Any] = {}
+    stdin_open = True
+    while stdin_open or running:
+        if stdin_open and select.select([sys.stdin], [], [], 0.05)[0]:
+            line = sys.stdin.readline()
+            if not line:
+                stdin_open = False
+            else:
+                ident, args = json.loads(line)
+                Path(args[0]).mkdir(parents=True, exist_ok=True)
+                pid = os.fork()
+                if pid == 0:
+                    code = 1
+                    try:
+                        with open(Path(args[0]) / "output.txt", "a") as out:
+                            os.dup2(out.fileno(), 1)
+                            os.dup2(out.fileno(), 2)
+                        code = main(args)
+                    except BaseException:
+                        traceback.print_exc()
+                    finally:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        os._exit(code)
+                running[pid] = ident
+        elif not stdin_open:
+            time.sleep(0.05)
+        while running:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            print(json.dumps([running.pop(pid), os.waitstatus_to_exitcode(status)]), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        sys.exit(main(sys.argv[1:]))
