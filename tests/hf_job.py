@@ -411,12 +411,17 @@ def serve() -> None:
     """
     running: dict[int, Any] = {}
     stdin_open = True
+    pending = b""  # read with os.read: a buffered readline would hide a second line from select
     while stdin_open or running:
-        if stdin_open and select.select([sys.stdin], [], [], 0.05)[0]:
-            line = sys.stdin.readline()
-            if not line:
-                stdin_open = False
-            else:
+        lines: list[bytes] = []
+        if stdin_open and select.select([0], [], [], 0.05)[0]:
+            chunk = os.read(0, 65536)
+            stdin_open = bool(chunk)
+            *lines, pending = (pending + chunk).split(b"\n")
+        elif not stdin_open:
+            time.sleep(0.05)
+        for line in lines:
+            if line.strip():
                 ident, args = json.loads(line)
                 Path(args[0]).mkdir(parents=True, exist_ok=True)
                 pid = os.fork()
@@ -434,8 +439,6 @@ def serve() -> None:
                         sys.stderr.flush()
                         os._exit(code)
                 running[pid] = ident
-        elif not stdin_open:
-            time.sleep(0.05)
         while running:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:

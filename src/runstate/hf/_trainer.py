@@ -192,6 +192,12 @@ class Attachment:
                 f"runstate.hf.attach: {type(trainer).__qualname__} overrides Trainer._run_epoch, whose resume "
                 "runstate takes over; attach to a Trainer that keeps the Trainer's epoch loop"
             )
+        if type(trainer)._save_checkpoint is not transformers.Trainer._save_checkpoint:
+            logger.warning(
+                "runstate.hf.attach: %s overrides Trainer._save_checkpoint; runstate saves through the manager "
+                "instead, so that override (e.g. writing a model card) no longer runs",
+                type(trainer).__qualname__,
+            )
         for name in ("train", "get_train_dataloader", "_init_training_state", "_prepare_for_training"):
             self._originals[name] = getattr(trainer, name)
         trainer.train = self.train
@@ -405,8 +411,11 @@ class _Callback(TrainerCallback):  # type: ignore[misc]
         a = self.attachment
         mgr = a.manager
         if mgr.signal_received is not None and not mgr.preempted:
-            control.should_save = True
-            control.should_training_stop = True
+            if int(state.global_step) != a.last_saved_step:
+                control.should_save = True
+                control.should_training_stop = True
+            # else: the signal came during the save of this very step, which then did not count as
+            # the preemption save: train on to the next step boundary, save there and stop (exit 75)
             return
         if not a.manager_cadence:
             return  # the Trainer's save_strategy / save_steps decided
