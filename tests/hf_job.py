@@ -31,11 +31,8 @@ import json
 import os
 import random
 import re
-import select
 import signal
 import sys
-import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -205,13 +202,8 @@ def run_trainer(run_dir: Path, opts: argparse.Namespace) -> int:
     return mgr.exit_code
 
 
-def run_accelerate(run_dir: Path, opts: argparse.Namespace) -> int:
-    set_seed(0)
-    accelerator = Accelerator(
-        cpu=True,
-        gradient_accumulation_steps=2,
-        dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True, use_seedable_sampler=True),
-    )
+def accelerate_parts(accelerator: Any, opts: argparse.Namespace) -> tuple[Any, Any, Any, Any, int]:
+    """The prepared model, optimizer, loader and scheduler of the Accelerate loop, and its step count."""
     model = tiny_gpt2()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     total = 2 * UPDATES_PER_EPOCH
@@ -219,6 +211,17 @@ def run_accelerate(run_dir: Path, opts: argparse.Namespace) -> int:
     dataset = Augmented(rows(), augment=opts.augment)
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=opts.workers)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    return model, optimizer, loader, scheduler, total
+
+
+def run_accelerate(run_dir: Path, opts: argparse.Namespace) -> int:
+    set_seed(0)
+    accelerator = Accelerator(
+        cpu=True,
+        gradient_accumulation_steps=2,
+        dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True, use_seedable_sampler=True),
+    )
+    model, optimizer, loader, scheduler, total = accelerate_parts(accelerator, opts)
     losses: list[float] = []
     state = runstate.hf.accelerate_state(
         accelerator, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader, losses=losses
@@ -231,18 +234,12 @@ def run_accelerate(run_dir: Path, opts: argparse.Namespace) -> int:
         model.train()
         while step < total:
             for batch in loader:
-                with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                if not accelerator.sync_gradients:
+                loss = update(accelerator, model, optimizer, scheduler, batch)
+                if loss is None:
                     continue
                 step += 1
-                losses.append(loss.item())
-                if step == opts.kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                losses.append(loss)
+                kill_at(step, opts)
                 state["losses"] = losses
                 mgr.save(step, state)
                 if step == total:
@@ -251,19 +248,30 @@ def run_accelerate(run_dir: Path, opts: argparse.Namespace) -> int:
     return 0
 
 
+def update(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, batch: Any) -> float | None:
+    """One micro-batch of the Accelerate loop; the loss when the optimizer stepped, else None."""
+    with accelerator.accumulate(model):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return float(loss.item()) if accelerator.sync_gradients else None
+
+
+def kill_at(step: int, opts: argparse.Namespace) -> None:
+    """SIGKILL this job right after step ``--kill-at``."""
+    if step == opts.kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run_accelerate_own(run_dir: Path, opts: argparse.Namespace) -> int:
     """The same Accelerate loop with accelerate's own accelerator.save_state / load_state + skip_first_batches."""
     set_seed(0)
     accelerator = Accelerator(
         cpu=True, gradient_accumulation_steps=2, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
     )
-    model = tiny_gpt2()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    total = 2 * UPDATES_PER_EPOCH
-    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=total)
-    dataset = Augmented(rows(), augment=opts.augment)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=opts.workers)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, loader, scheduler, total = accelerate_parts(accelerator, opts)
     saved = sorted((run_dir / "acc_state").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     step, losses = 0, []
     if saved:
@@ -279,18 +287,12 @@ def run_accelerate_own(run_dir: Path, opts: argparse.Namespace) -> int:
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         skip = 0
         for batch in batches:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
+            loss = update(accelerator, model, optimizer, scheduler, batch)
+            if loss is None:
                 continue
             step += 1
-            losses.append(loss.item())
-            if step == opts.kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            losses.append(loss)
+            kill_at(step, opts)
             if step % opts.every == 0:
                 target = run_dir / "acc_state" / f"step-{step}"
                 accelerator.save_state(str(target))
@@ -401,53 +403,10 @@ def main(argv: list[str]) -> int:
     return run_trainer(run_dir, opts)
 
 
-def serve() -> None:
-    """Run jobs forked from this process, which imported transformers once.
-
-    Reads one JSON line ``[ident, [args...]]`` per job on stdin, forks a child that runs
-    ``main(args)`` (its output goes to ``RUN_DIR/output.txt``), and writes ``[ident, exit code]``
-    on stdout when the child ends (-9 after a SIGKILL). Jobs run concurrently; each child is a
-    new process that has trained nothing before.
-    """
-    running: dict[int, Any] = {}
-    stdin_open = True
-    pending = b""  # read with os.read: a buffered readline would hide a second line from select
-    while stdin_open or running:
-        lines: list[bytes] = []
-        if stdin_open and select.select([0], [], [], 0.05)[0]:
-            chunk = os.read(0, 65536)
-            stdin_open = bool(chunk)
-            *lines, pending = (pending + chunk).split(b"\n")
-        elif not stdin_open:
-            time.sleep(0.05)
-        for line in lines:
-            if line.strip():
-                ident, args = json.loads(line)
-                Path(args[0]).mkdir(parents=True, exist_ok=True)
-                pid = os.fork()
-                if pid == 0:
-                    code = 1
-                    try:
-                        with open(Path(args[0]) / "output.txt", "a") as out:
-                            os.dup2(out.fileno(), 1)
-                            os.dup2(out.fileno(), 2)
-                        code = main(args)
-                    except BaseException:
-                        traceback.print_exc()
-                    finally:
-                        sys.stdout.flush()
-                        sys.stderr.flush()
-                        os._exit(code)
-                running[pid] = ident
-        while running:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            print(json.dumps([running.pop(pid), os.waitstatus_to_exitcode(status)]), flush=True)
-
-
 if __name__ == "__main__":
     if sys.argv[1:] == ["--serve"]:
-        serve()
+        import forkserver  # tests/forkserver.py (run as a script, tests/ is on sys.path)
+
+        forkserver.serve(main)
     else:
         sys.exit(main(sys.argv[1:]))

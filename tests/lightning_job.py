@@ -25,11 +25,9 @@ import argparse
 import json
 import os
 import random
-import select
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -165,54 +163,10 @@ def main(argv: list[str]) -> None:
     (args.run_dir / "final.json").write_text(json.dumps(counters))
 
 
-def serve() -> None:
-    """Run jobs forked from this process, which imported lightning once (it takes seconds).
-
-    Reads one JSON line ``[ident, [args...]]`` per job on stdin, forks a child that runs
-    ``main(args)`` (its output goes to ``RUN_DIR/output.txt``), and writes ``[ident, exit code]``
-    on stdout when the child ends (-9 after a SIGKILL). Jobs run concurrently. Each child is a
-    new process that has trained nothing before: a resume in it starts from the checkpoint only.
-    """
-    running: dict[int, Any] = {}
-    stdin_open = True
-    pending = b""  # read with os.read: a buffered readline would hide a second line from select
-    while stdin_open or running:
-        lines: list[bytes] = []
-        if stdin_open and select.select([0], [], [], 0.05)[0]:
-            chunk = os.read(0, 65536)
-            stdin_open = bool(chunk)
-            *lines, pending = (pending + chunk).split(b"\n")
-        elif not stdin_open:
-            time.sleep(0.05)
-        for line in lines:
-            if line.strip():
-                ident, args = json.loads(line)
-                Path(args[0]).mkdir(parents=True, exist_ok=True)
-                pid = os.fork()
-                if pid == 0:
-                    code = 1
-                    try:
-                        with open(Path(args[0]) / "output.txt", "a") as out:
-                            os.dup2(out.fileno(), 1)
-                            os.dup2(out.fileno(), 2)
-                        main(args)
-                        code = 0
-                    except BaseException:
-                        traceback.print_exc()
-                    finally:
-                        sys.stdout.flush()
-                        sys.stderr.flush()
-                        os._exit(code)
-                running[pid] = ident
-        while running:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            print(json.dumps([running.pop(pid), os.waitstatus_to_exitcode(status)]), flush=True)
-
-
 if __name__ == "__main__":
     if sys.argv[1:] == ["--serve"]:
-        serve()
+        import forkserver  # tests/forkserver.py (run as a script, tests/ is on sys.path)
+
+        forkserver.serve(main)
     else:
         main(sys.argv[1:])

@@ -11,7 +11,6 @@ transformers once and forks a process per job (importing it takes seconds).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from tests.forkserver import Jobs, job_env
+
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 torch = pytest.importorskip("torch")
@@ -31,12 +32,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "hf_job.py"
-ENV = {
-    **os.environ,
-    "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
-    "PYTHONWARNINGS": "ignore",
-    "OMP_NUM_THREADS": "1",
-}
+ENV = job_env()
 EXIT_PREEMPTED = 75
 
 
@@ -49,48 +45,6 @@ def test_import_runstate_hf_imports_neither_transformers_nor_accelerate() -> Non
     )
     proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-
-
-class Jobs:
-    """tests/hf_job.py --serve: one process imports transformers, each job is a fork of it."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(JOB), "--serve"], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        self.results: dict[int, int] = {}
-        self.done = threading.Condition()
-        self.next_id = 0
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            ident, code = json.loads(line)
-            with self.done:
-                self.results[ident] = code
-                self.done.notify_all()
-        with self.done:
-            self.results[-1] = self.proc.wait()
-            self.done.notify_all()
-
-    def run(self, run_dir: Path, *args: str, expect: int = 0) -> None:
-        """Run one job and wait for it; it must end with ``expect`` (-9: SIGKILL)."""
-        assert self.proc.stdin is not None
-        with self.done:
-            ident, self.next_id = self.next_id, self.next_id + 1
-            self.proc.stdin.write(json.dumps([ident, [str(run_dir), *args]]) + "\n")
-            self.proc.stdin.flush()
-            assert self.done.wait_for(lambda: ident in self.results or -1 in self.results, timeout=600)
-            code = self.results.get(ident, "the job server died")
-        output = (run_dir / "output.txt").read_text()[-3000:] if (run_dir / "output.txt").exists() else ""
-        assert code == expect, (args, code, output)
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=600)
 
 
 def flip_a_byte(checkpoint: Path) -> None:
@@ -135,7 +89,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         )
     }
     errors: list[BaseException] = []
-    jobs = Jobs()
+    jobs = Jobs(JOB, ENV)
 
     def runstate_stream() -> None:
         run = dirs["runstate"]

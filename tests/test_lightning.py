@@ -14,14 +14,14 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.forkserver import Jobs, job_env
 
 pl = pytest.importorskip("lightning.pytorch")
 torch = pytest.importorskip("torch")
@@ -31,58 +31,10 @@ import runstate.lightning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "lightning_job.py"
-ENV = {
-    **os.environ,
-    "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
-    "PYTHONWARNINGS": "ignore",
-    "OMP_NUM_THREADS": "1",
-}
+ENV = job_env()
 
 
 # -- end to end: SIGKILL mid-epoch and at an epoch end, resume with ckpt_path="last" ---------------
-
-
-class Jobs:
-    """tests/lightning_job.py --serve: one process imports lightning, each job is a fork of it."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(JOB), "--serve"], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        self.lock = threading.Lock()
-        self.results: dict[int, int] = {}
-        self.done = threading.Condition(self.lock)
-        self.next_id = 0
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            ident, code = json.loads(line)
-            with self.done:
-                self.results[ident] = code
-                self.done.notify_all()
-        with self.done:
-            self.results[-1] = self.proc.wait()
-            self.done.notify_all()
-
-    def run(self, run_dir: Path, *args: str, killed: bool = False) -> None:
-        """Run one job and wait for it; it must end by SIGKILL when ``killed``, else exit 0."""
-        assert self.proc.stdin is not None
-        with self.done:
-            ident, self.next_id = self.next_id, self.next_id + 1
-            self.proc.stdin.write(json.dumps([ident, [str(run_dir), *args]]) + "\n")
-            self.proc.stdin.flush()
-            assert self.done.wait_for(lambda: ident in self.results or -1 in self.results, timeout=600)
-            code = self.results.get(ident, "the job server died")
-        output = (run_dir / "output.txt").read_text()[-3000:] if (run_dir / "output.txt").exists() else ""
-        assert code == (-signal.SIGKILL if killed else 0), (args, code, output)
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=600)
 
 
 def log_of(run_dir: Path) -> list[dict[str, Any]]:
@@ -120,7 +72,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ],
     }
     errors: list[BaseException] = []
-    jobs = Jobs()
+    jobs = Jobs(JOB, ENV)
 
     def run_stream(name: str) -> None:
         try:

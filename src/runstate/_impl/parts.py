@@ -182,7 +182,9 @@ def write_part(
     plans, part_items = _plan(items, sharded, rank, shard_bytes)
     files, entries = _write_files(staging, plans)
     for name, item in part_items.items():
-        item["tensors"] = {t: e.to_json() for t, e in entries.get(name, {}).items()}
+        written = entries.get(name, {})
+        # a part that stays in this process keeps its TensorEntry objects (no JSON round trip)
+        item["tensors"] = {t: e.to_json() for t, e in written.items()} if publish else written
     part: Part = {"rank": rank, "items": part_items, "files": files}
     if publish:
         raw = json.dumps(part, ensure_ascii=True, allow_nan=False).encode("ascii")

@@ -375,7 +375,8 @@ def _files_from_json(field_value: Any, items: dict[str, ItemEntry]) -> dict[str,
 
 
 def item_from_json(item: dict[str, Any]) -> ItemEntry:
-    tensors = {str(k): TensorEntry.from_json(e) for k, e in item["tensors"].items()}
+    # a TensorEntry already built (a part merged in the process that wrote it) is taken as is
+    tensors = {str(k): e if isinstance(e, TensorEntry) else TensorEntry.from_json(e) for k, e in item["tensors"].items()}
     reserved = RESERVED_TENSOR_NAMES & set(tensors)
     if reserved:
         raise ValueError(f"tensor name {sorted(reserved)[0]!r} is reserved by safetensors")
