@@ -259,12 +259,7 @@ def save_checkpoint(
         began.append(store.begin(name))
         return began[0].location
 
-    try:
-        location = _rank0_does(group, begin, where, "could not start the checkpoint")
-    except BaseException:  # e.g. the broadcast failed or was interrupted after rank 0 began
-        if began:
-            began[0].abort()
-        raise
+    location = _rank0_does(group, begin, where, "could not start the checkpoint")
     staging, part = _write_agreed(store, began[0] if began else None, location, captured, group, shard_bytes, where)
     with staging:  # an exception aborts (on rank 0: the whole checkpoint; elsewhere: this process's files)
         text = _rank0_does(
@@ -296,19 +291,23 @@ def _write_agreed(
     part: parts.Part = {}
     error: BaseException | None = None
     try:
-        try:
-            if staging is None:
-                staging = store.attach(location)
-            part = parts.write_part(
-                staging,
-                captured.items,
-                captured.sharded,
-                rank=group.rank,
-                shard_bytes=shard_bytes,
-                publish=group.distributed,  # the committing process reads the others' parts
-            )
-        except Exception as exc:  # every process must reach the agreement below, whatever failed
-            error = _as_checkpoint_error(exc, where, group, staging)
+        if staging is None:
+            staging = store.attach(location)
+        part = parts.write_part(
+            staging,
+            captured.items,
+            captured.sharded,
+            rank=group.rank,
+            shard_bytes=shard_bytes,
+            publish=group.distributed,  # the committing process reads the others' parts
+        )
+    except Exception as exc:  # every process must reach the agreement below, whatever failed
+        error = _as_checkpoint_error(exc, where, group, staging)
+    except BaseException:  # interrupted mid-write (KeyboardInterrupt): this process stops here
+        if staging is not None:
+            staging.abort()
+        raise
+    try:
         agree(
             group,
             error,
@@ -316,10 +315,12 @@ def _write_agreed(
                 f"{where}: another process failed to write its files (see its error); nothing was committed"
             ),
         )
-    except BaseException:
+    except CheckpointError:  # an agreed failure: nothing is committed, this process's files go
         if staging is not None:
             staging.abort()
         raise
+    # Any other exception is the collective itself failing (a peer died): what this process wrote
+    # stays as an invisible leftover, removed by the next save (as rank 0 cannot know it is safe).
     assert staging is not None
     return staging, part
 

@@ -38,9 +38,8 @@ def export_pretrained(
 ) -> str:
     """Write a checkpoint's model as ``config.json`` + ``model.safetensors`` for ``from_pretrained``.
 
-    Only the model item (and the Trainer item holding the config) is read, every byte checked.
-    Needs torch and safetensors, not transformers. Each file is replaced atomically and
-    durably: a reader sees the old file or the whole new one.
+    Reads only the model item (and the Trainer item holding the config), every byte checked;
+    needs torch and safetensors, not transformers. Each file is replaced atomically and durably.
 
     Args:
         checkpoint: a checkpoint directory (``mgr.path(step)``).
@@ -59,10 +58,7 @@ def export_pretrained(
 
     Example:
         >>> runstate.hf.export_pretrained(mgr.path(mgr.latest_step()), "export")  # doctest: +SKIP
-        >>> AutoModelForCausalLM.from_pretrained("export")  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-
     names = list(runstate.inspect(checkpoint).items)  # the manifest only
     if item not in names:
         raise CheckpointConfigError(
@@ -84,11 +80,17 @@ def export_pretrained(
             raise CheckpointConfigError(
                 f"export_pretrained: {os.fspath(checkpoint)!r} holds no model config; pass config=model.config"
             )
-    tensors = _unshared(_flat(weights))
-    out = storage.LocalStore(output_dir)
-    storage.makedirs_durable(out.location)
     if not isinstance(config, dict):
         config = json.loads(config.to_json_string())
+    return _write(output_dir, config, _unshared(_flat(weights)))
+
+
+def _write(output_dir: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, Any]) -> str:
+    """Write ``config.json`` and ``model.safetensors`` into ``output_dir``, each atomically and durably."""
+    from safetensors.torch import save_file
+
+    out = storage.LocalStore(output_dir)
+    storage.makedirs_durable(out.location)
     with storage.atomic_file(out.join("config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
     with storage.atomic_file(out.join("model.safetensors")) as tmp:
