@@ -52,9 +52,6 @@ class TorchGroup:
     def size(self) -> int:
         return int(dist.get_world_size(self.process_group))
 
-    def barrier(self) -> None:
-        dist.barrier(group=self.process_group)
-
     def _reduce(self, value: int, op: Any) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self._device)
         dist.all_reduce(t, op=op, group=self.process_group)
