@@ -1,9 +1,10 @@
 """``make bench``: every benchmark, one after the other, each in a fresh process; then the targets.
 
 Runs ``save_load.py`` (~0.75 GiB: saves, async, loads, peak RSS), ``scale.py`` (~0.1, ~0.75,
-~2 GiB and 10,000 tiny tensors) and ``train_overhead.py`` (checkpointing a CPU training
-loop every 20 steps), prints their tables as they come, and ends with the speed targets of
-docs/performance.md, each with the figure measured in this run and whether it is met.
+~2 GiB and 10,000 tiny tensors), ``train_overhead.py`` (checkpointing a CPU training
+loop every 20 steps) and ``bench_hf.py`` (a tiny GPT-2 ``transformers.Trainer``: runstate's
+async save vs the Trainer's own ``save_steps``), prints their tables as they come, and ends
+with the speed targets of docs/performance.md, each with the figure measured in this run and whether it is met.
 
 A fresh process per script keeps one script's memory (and glibc's heap) from the next one's
 peak RSS and timings. The machine's load average is printed before and after: on a shared
@@ -27,7 +28,7 @@ import time
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ("save_load", "scale", "train_overhead")
+SCRIPTS = ("save_load", "scale", "train_overhead", "bench_hf", "bench_compression", "bench_incremental")
 MIB = 1024**2
 
 
@@ -112,6 +113,32 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                         pct <= 10 if key == "periods" else None,  # one run each: load spikes dominate
                     )
                 )
+    zc = res.get("bench_compression")
+    if zc:  # informational: when compression pays depends on the storage (docs/performance.md)
+        level = zc["default_level"]
+        z = zc["save"][f"runstate.save, zstd level {level}"]
+        out.append(
+            (
+                f"zstd level {level} save vs uncompressed (local disk {zc['disk_MBps']:.0f} MB/s)",
+                f"{z['vs_plain']:.2f}x, {z['nbytes'] / zc['save']['runstate.save, no compression']['nbytes']:.2f} of the bytes",
+                "informational",
+                None,
+            )
+        )
+    inc = res.get("bench_incremental")
+    if inc:  # frozen base + adapters, keep_last=3 (issue 19): the bench computed each verdict
+        out += [(f"incremental: {label}", measured, target, met) for label, measured, target, met in inc["targets"]]
+    hf = res.get("bench_hf")
+    if hf:
+        v = hf["variants"]
+        out.append(
+            (
+                f"Trainer, a save every {hf['args']['every']} steps: runstate async vs the Trainer's own",
+                f"{v['async']['overhead_pct']:+.1f}% vs {v['trainer']['overhead_pct']:+.1f}%",
+                "see doc",
+                None,  # a few percent either way: within the noise of a shared machine
+            )
+        )
     sc = res.get("scale")
     if sc:
         for table, name, ref in (

@@ -18,8 +18,12 @@ Each training process appends its first global step to RUN_DIR/starts.txt; at th
 writes RUN_DIR/final.safetensors (parameters and AdamW moments) and RUN_DIR/log.json (the
 logged losses). --kill-at STEP: SIGKILL itself at the end of STEP, before that step's save;
 --term-at STEP: SIGTERM itself there (an attached Trainer saves that step, stops, exits 75);
---kill-in-save STEP: SIGKILL itself in the middle of the checkpoint of STEP. Under
-``runstate run`` only the first start is killed and only the second SIGTERMed.
+--kill-in-save STEP: SIGKILL itself in the middle of the checkpoint of STEP (accelerate
+modes: with the file being written half on disk, RUN_DIR/at_kill.json listing the checkpoint
+folder then); --term-in-save STEP: SIGTERM itself during the save of STEP. Under
+``runstate run`` only the first start is killed and only the second SIGTERMed. A Trainer job
+writes RUN_DIR/seen.json: the steps its stateful callback (``Seen``) has seen, restored on
+resume with the rest of the TrainerState.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -52,6 +57,7 @@ from transformers import (
     default_data_collator,
     get_cosine_schedule_with_warmup,
 )
+from transformers.trainer_callback import ExportableState
 
 import runstate
 import runstate.hf
@@ -102,6 +108,19 @@ class Probe(TrainerCallback):  # type: ignore[misc]
             os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice: save at this step's end, stop
 
 
+class Seen(TrainerCallback, ExportableState):  # type: ignore[misc]
+    """A stateful callback: the global steps it has seen, saved in ``TrainerState.stateful_callbacks``."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps.append(int(state.global_step))
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {}, "attributes": {"steps": list(self.steps)}}
+
+
 def rows() -> list[list[int]]:
     return torch.randint(0, VOCAB, (SAMPLES, LENGTH), generator=torch.Generator().manual_seed(1234)).tolist()
 
@@ -124,12 +143,14 @@ def write_final(run_dir: Path, model: torch.nn.Module, optimizer: Any, losses: l
     (run_dir / "log.json").write_text(json.dumps(losses))
 
 
-def kill_in_save(trainer: Trainer, step: int) -> None:
-    """SIGKILL this process in the middle of the checkpoint of ``step``, after the model's part."""
+def kill_in_save(trainer: Trainer, step: int, signum: int = signal.SIGKILL) -> None:
+    """Send ``signum`` to this process in the middle of the checkpoint of ``step``, after the model's part."""
+    sent: list[int] = []
 
     def die_at(step_now: int) -> None:
-        if step_now == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if step_now == step and not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
 
     # The Trainer's own save writes the model, then calls this; runstate's save reads the model's
     # state_dict while it writes the checkpoint.
@@ -165,20 +186,23 @@ def run_trainer(run_dir: Path, opts: argparse.Namespace) -> int:
         use_cpu=True,
         dataloader_num_workers=opts.workers,
         max_steps=2 * UPDATES_PER_EPOCH if opts.iterable else -1,
+        restore_callback_states_from_checkpoint=True,  # Seen's steps come back (with runstate, from its checkpoint)
     )
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=default_data_collator,
-        callbacks=[Probe(run_dir, opts.kill_at, opts.term_at)],
+        callbacks=[Probe(run_dir, opts.kill_at, opts.term_at), Seen()],
     )
     if opts.kill_in_save is not None:
         kill_in_save(trainer, opts.kill_in_save)
+    if opts.term_in_save is not None:
+        kill_in_save(trainer, opts.term_in_save, signal.SIGTERM)
     with runstate.CheckpointManager(
         run_dir / "ckpt",
         keep_last=3,
-        save_every_steps=opts.every,
+        save_every_steps=None if opts.no_cadence else opts.every,  # None: at the Trainer's save_steps
         save_on_signals=(signal.SIGTERM,),
         async_save=opts.async_save,
     ) as mgr:
@@ -193,6 +217,9 @@ def run_trainer(run_dir: Path, opts: argparse.Namespace) -> int:
             trainer.args.max_steps = 2 * UPDATES_PER_EPOCH - int(done or 0)
             trainer.train()
     write_final(run_dir, model, trainer.optimizer, [e["loss"] for e in trainer.state.log_history if "loss" in e])
+    # The resume replaced the callback with a new instance holding the restored steps.
+    seen = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Seen))
+    (run_dir / "seen.json").write_text(json.dumps(seen.steps))
     if opts.export:  # the newest checkpoint (the last step) for from_pretrained, loaded back and compared
         export = runstate.hf.export_pretrained(mgr.path(mgr.latest_step() or 0), run_dir / "export")
         loaded = AutoModelForCausalLM.from_pretrained(export)
@@ -214,6 +241,48 @@ def accelerate_parts(accelerator: Any, opts: argparse.Namespace) -> tuple[Any, A
     return model, optimizer, loader, scheduler, total
 
 
+def tear_and_kill(run_dir: Path, fd: int, folder: Path) -> None:
+    """Cut the file open at ``fd`` to half its bytes, list ``folder`` in RUN_DIR/at_kill.json, SIGKILL.
+
+    What a kill in the middle of writing that file leaves: a torn file in a folder without the
+    files that were to come after it."""
+    os.ftruncate(fd, os.fstat(fd).st_size // 2)
+    os.fdatasync(fd)  # not os.fsync, which kill_in_runstate_save replaces
+    listing = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+    (run_dir / "at_kill.json").write_text(json.dumps({"folder": folder.name, "files": listing}))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_in_runstate_save(run_dir: Path, step: int) -> None:
+    """SIGKILL this job while runstate writes the optimizer's file of the checkpoint of ``step``."""
+    fsync = os.fsync
+    staging = f".tmp-step-{step:012d}-"
+
+    def fsync_or_die(fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if path.name == "optimizer.safetensors" and path.parent.name.startswith(staging):
+            tear_and_kill(run_dir, fd, path.parent)
+        fsync(fd)
+
+    os.fsync = fsync_or_die
+
+
+def kill_in_accelerate_save(run_dir: Path, step: int, name: str) -> None:
+    """SIGKILL this job in the middle of accelerate's save_state of ``step``, writing its file ``name``."""
+    save = torch.save
+
+    def save_or_die(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        path = Path(f) if isinstance(f, (str, os.PathLike)) else None
+        if path is not None and path.name == name and path.parent.name == f"step-{step}":
+            with open(path, "wb") as out:
+                save(obj, out, *args, **kwargs)
+                out.flush()
+                tear_and_kill(run_dir, out.fileno(), path.parent)
+        save(obj, f, *args, **kwargs)
+
+    torch.save = save_or_die
+
+
 def run_accelerate(run_dir: Path, opts: argparse.Namespace) -> int:
     set_seed(0)
     accelerator = Accelerator(
@@ -226,6 +295,8 @@ def run_accelerate(run_dir: Path, opts: argparse.Namespace) -> int:
     state = runstate.hf.accelerate_state(
         accelerator, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader, losses=losses
     )
+    if opts.kill_in_save is not None:
+        kill_in_runstate_save(run_dir, opts.kill_in_save)
     with runstate.CheckpointManager(run_dir / "ckpt", keep_last=3, save_every_steps=opts.every) as mgr:
         step = mgr.restore(state) or 0
         losses = state["losses"]  # replaced by the stored list
@@ -272,6 +343,11 @@ def run_accelerate_own(run_dir: Path, opts: argparse.Namespace) -> int:
         cpu=True, gradient_accumulation_steps=2, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
     )
     model, optimizer, loader, scheduler, total = accelerate_parts(accelerator, opts)
+    if opts.kill_in_save is not None:
+        kill_in_accelerate_save(run_dir, opts.kill_in_save, opts.in_file)
+    # What load_state reports (it logs a file it could not load at INFO) goes to output.txt.
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.INFO)
     saved = sorted((run_dir / "acc_state").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     step, losses = 0, []
     if saved:
@@ -295,8 +371,9 @@ def run_accelerate_own(run_dir: Path, opts: argparse.Namespace) -> int:
             kill_at(step, opts)
             if step % opts.every == 0:
                 target = run_dir / "acc_state" / f"step-{step}"
+                target.mkdir(parents=True)
+                (target / "losses.json").write_text(json.dumps(losses))  # first: the test is about save_state
                 accelerator.save_state(str(target))
-                (target / "losses.json").write_text(json.dumps(losses))
             if step == total:
                 break
     write_final(run_dir, accelerator.unwrap_model(model), optimizer, losses)
@@ -382,6 +459,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument("--term-at", type=int, default=None)
     parser.add_argument("--kill-in-save", type=int, default=None)
+    parser.add_argument("--in-file", default="optimizer.bin")  # accelerate-own: the file torn by --kill-in-save
+    parser.add_argument("--term-in-save", type=int, default=None)
+    parser.add_argument("--no-cadence", action="store_true")  # the manager saves at the Trainer's save_steps
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--iterable", action="store_true")
     parser.add_argument("--workers", type=int, default=0)

@@ -254,8 +254,8 @@ def _rewrite_manifest(ck: Path, edit) -> None:
 
 def test_newer_format_version_is_refused(tmp_path: Path) -> None:
     runstate.save(tmp_path / "ck", {"a": 1})
-    _rewrite_manifest(tmp_path / "ck", lambda b: b.update(format_version=2))
-    with pytest.raises(runstate.FormatVersionError, match="format version 2.*upgrade runstate"):
+    _rewrite_manifest(tmp_path / "ck", lambda b: b.update(format_version=3))
+    with pytest.raises(runstate.FormatVersionError, match="format version 3.*upgrade runstate"):
         runstate.load(tmp_path / "ck")
 
 

@@ -662,7 +662,7 @@ MANIFEST_EDITS: list[tuple[str, Callable[[dict[str, Any]], None], bool, str, str
     ("unlisted file", lambda b: b["files"].clear(), True, "manifest.json", "unlisted file"),
     ("dangling tensor ref", lambda b: b["items"]["model"]["tree"]["v"][0][1].update(name="nope"), True, "manifest.json", "missing from the index"),
     ("unknown node", lambda b: b["items"]["epoch"]["tree"].update(t="pickle"), True, "manifest.json", "unknown node type 'pickle'"),
-    ("newer version", lambda b: b.update(format_version=2), False, "manifest.json", "upgrade runstate"),
+    ("newer version", lambda b: b.update(format_version=3), False, "manifest.json", "upgrade runstate"),
 ]
 
 

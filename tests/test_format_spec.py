@@ -25,7 +25,8 @@ import xxhash
 # Independent reader (docs/format.md). No runstate imports here.
 # ---------------------------------------------------------------------------------------
 
-SUPPORTED_VERSION = 1
+SUPPORTED_VERSION = 2
+SUPPORTED_FEATURES = {"blobs", "zstd"}  # section 11: every "requires" entry this reader follows
 NUMPY_DTYPES = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
     "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?", "C64": "<c8",
@@ -44,6 +45,9 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
         raise FormatError("not a runstate manifest")
     if body["format_version"] > SUPPORTED_VERSION:
         raise FormatError(f"format_version {body['format_version']} is newer than {SUPPORTED_VERSION}")
+    unknown = set(body.get("requires", [])) - SUPPORTED_FEATURES
+    if unknown:
+        raise FormatError(f"needs newer features {sorted(unknown)}")
     stored = body.pop("checksum")
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     if xxhash.xxh3_64_hexdigest(canonical.encode("ascii")) != stored:
@@ -58,11 +62,45 @@ def read_safetensors(path: Path) -> tuple[dict[str, Any], bytes]:
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
+def decompress(entry: dict[str, Any], stored: bytes) -> tuple[dict[str, Any], bytes]:
+    """Section 16: decode a compressed tensor piece by piece (zstd frames, or bytes stored as
+    is), undo byte-grouping, check the decoded checksum; return the decoded entry and bytes."""
+    import zstandard  # only a compressed checkpoint needs a zstd decoder
+
+    c = entry["compression"]
+    if c["codec"] != "zstd" or c["filter"] not in ("none", "bytegroup"):
+        raise FormatError(f"unknown codec or filter in {entry['file']}")
+    width = {**{k: np.dtype(v).itemsize for k, v in NUMPY_DTYPES.items()}, **SIZES}[c["dtype"]]
+    planes = width if c["filter"] == "bytegroup" else 1
+    out, pos, sizes = bytearray(), 0, iter(c["chunks"])
+    for start in range(0, c["nbytes"], c["chunk"]):
+        n = min(c["chunk"], c["nbytes"] - start) // planes  # raw bytes of each piece of this chunk
+        chunk = b""
+        for _ in range(planes):
+            size = next(sizes)
+            piece = stored[pos : pos + size]
+            pos += size
+            if size != n:  # a zstd frame (a piece as long as its raw bytes is stored as is)
+                if zstandard.get_frame_parameters(piece).content_size != n:  # refuse before decoding
+                    raise FormatError(f"a frame in {entry['file']} does not declare {n} bytes")
+                piece = zstandard.ZstdDecompressor().decompress(piece)
+            chunk += piece
+        if planes > 1:  # byte planes back to elements
+            chunk = np.frombuffer(chunk, np.uint8).reshape(planes, -1).T.tobytes()
+        out += chunk
+    if pos != len(stored) or len(out) != c["nbytes"] or xxhash.xxh3_64_hexdigest(bytes(out)) != c["xxh3"]:
+        raise FormatError(f"decoded tensor checksum mismatch in {entry['file']}")
+    decoded = {k: v for k, v in entry.items() if k != "compression"}
+    return decoded | {"dtype": c["dtype"], "shape": c["shape"], "data_offsets": [0, len(out)]}, bytes(out)
+
+
 def decode_tensor(entry: dict[str, Any], data: bytes) -> Any:
     begin, end = entry["data_offsets"]
     raw = data[begin:end]
     if xxhash.xxh3_64_hexdigest(raw) != entry["xxh3"]:
         raise FormatError(f"tensor checksum mismatch in {entry['file']}")
+    if "compression" in entry:
+        entry, raw = decompress(entry, raw)
     if "lib_dtype" in entry:  # raw bytes of a dtype safetensors lacks
         try:
             arr = np.frombuffer(raw, np.dtype(entry["lib_dtype"])).reshape(entry["lib_shape"])
@@ -104,6 +142,22 @@ def decode_node(node: dict[str, Any], tensors: dict[str, Any]) -> Any:
     raise FormatError(f"unknown node type {t!r}")
 
 
+def read_blob_sections(ckpt: Path, manifest: dict[str, Any], sections: dict[str, bytes]) -> None:
+    """Section 15: files listed in "blobs" are in the run's blobs/ folder (the checkpoint's
+    parent); their header holds at least the tensors the manifest puts there, as the manifest says."""
+    for fname, info in manifest.get("blobs", {}).items():
+        path = ckpt.parent / "blobs" / fname
+        if path.stat().st_size != info["nbytes"]:
+            raise FormatError(f"blob {fname}: size differs from the manifest")
+        header, sections[fname] = read_safetensors(path)
+        for item in manifest["items"].values():
+            for name, e in item["tensors"].items():
+                if e["file"] == fname and header.get(name) != {
+                    "dtype": e["dtype"], "shape": e["shape"], "data_offsets": e["data_offsets"]
+                }:
+                    raise FormatError(f"blob {fname}: header entry {name!r} differs from the manifest")
+
+
 def read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return (manifest, {item: decoded value}); every byte is checked against the manifest."""
     manifest = read_manifest(ckpt)
@@ -120,6 +174,7 @@ def read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         }
         if {k: v for k, v in header.items() if k != "__metadata__"} != expected:
             raise FormatError(f"{fname}: header differs from the manifest")
+    read_blob_sections(ckpt, manifest, sections)
     values = {}
     for name, item in manifest["items"].items():
         tensors = {k: decode_tensor(e, sections[e["file"]]) for k, e in item["tensors"].items()}
@@ -435,7 +490,7 @@ def test_newer_format_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ckpt" / "manifest.json"
     body = json.loads(path.read_bytes())
     del body["checksum"]
-    body["format_version"] = 2
+    body["format_version"] = 3
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     body["checksum"] = xxhash.xxh3_64_hexdigest(canonical.encode("ascii"))
     path.write_text(json.dumps(body))

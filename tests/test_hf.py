@@ -86,6 +86,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "iter",
             "own_iter_reference",
             "own_iter",
+            "no_cadence",
+            "term_in_save",
+            "acc_torn",
+            "acc_own_torn",
+            "acc_own_torn_rng",
         )
     }
     errors: list[BaseException] = []
@@ -155,6 +160,23 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         own_corrupt_stream,
         stream("own_partial", (("own", "--kill-in-save", "6"), kill), (("own",), 1)),
         stream("partial", (("trainer", "--kill-in-save", "6"), kill), (("trainer",), 0)),
+        # A manager without a cadence of its own: saves at the Trainer's save_steps (4, not the 3 above).
+        stream(
+            "no_cadence",
+            (("trainer", "--no-cadence", "--every", "4", "--kill-at", "7"), kill),
+            (("trainer", "--no-cadence", "--every", "4"), 0),
+        ),
+        # A real SIGTERM during the save of step 6, the last step of epoch 1.
+        stream("term_in_save", (("trainer", "--term-in-save", "6"), EXIT_PREEMPTED), (("trainer",), 0)),
+        # SIGKILL while the optimizer's file of step 6 is half written: runstate, then accelerate's
+        # own save_state (torn optimizer.bin; torn random_states_0.pkl, its last file).
+        stream("acc_torn", (("accelerate", "--kill-in-save", "6"), kill), (("accelerate",), 0)),
+        stream("acc_own_torn", (("accelerate-own", "--kill-in-save", "6"), kill), (("accelerate-own",), 1)),
+        stream(
+            "acc_own_torn_rng",
+            (("accelerate-own", "--kill-in-save", "6", "--in-file", "random_states_0.pkl"), kill),
+            (("accelerate-own",), 0),
+        ),
         stream("doc_trainer", (("doc", "--example", "trainer"), 0), (("doc", "--example", "trainer"), 0)),
         stream("doc_accelerate", (("doc", "--example", "accelerate"), 0), (("doc", "--example", "accelerate"), 0)),
     ]
@@ -331,7 +353,7 @@ def test_docs_examples_run_as_printed_and_resume(runs: dict[str, Path]) -> None:
 
 @pytest.mark.e2e
 def test_trainer_own_resume_side_by_side(runs: dict[str, Path]) -> None:
-    # Measured on transformers 5.23, not a runstate guarantee: the same run (2 workers, random
+    # Measured on transformers 5.24, not a runstate guarantee: the same run (2 workers, random
     # augmentation), killed at step 5, resumed by the Trainer itself from checkpoint-3.
     own = runs["own"] / "hf" / "checkpoint-3"
     assert starts(runs["own"]) == [0, 3]
@@ -353,7 +375,7 @@ def test_kill_during_a_save_side_by_side(runs: dict[str, Path]) -> None:
     # and ended bit-identical.
     assert starts(runs["partial"]) == [0, 3]
     assert_bit_identical(final(runs["partial"]), final(runs["reference"]))
-    # The Trainer's own (measured on transformers 5.23): the partial checkpoint-6 folder stays,
+    # The Trainer's own (measured on transformers 5.24): the partial checkpoint-6 folder stays,
     # resume_from_checkpoint=True picks it as the newest, and every restart fails on it.
     partial = runs["own_partial"] / "hf" / "checkpoint-6"
     assert partial.is_dir() and not (partial / "trainer_state.json").exists()
@@ -363,7 +385,7 @@ def test_kill_during_a_save_side_by_side(runs: dict[str, Path]) -> None:
 @pytest.mark.e2e
 def test_damaged_byte_side_by_side(runs: dict[str, Path]) -> None:
     # runstate: see test_damaged_newest_checkpoint_is_skipped_and_set_aside. The Trainer's own
-    # (measured on transformers 5.23): one flipped byte in checkpoint-6's model.safetensors is
+    # (measured on transformers 5.24): one flipped byte in checkpoint-6's model.safetensors is
     # loaded without a word, and the run ends with other parameters than the undamaged one.
     # Without the damage, the same resume is bit-identical (as the Trainer's own resume is, for
     # this plain run): the difference below is the flipped byte.
@@ -378,7 +400,7 @@ def test_damaged_byte_side_by_side(runs: dict[str, Path]) -> None:
 
 @pytest.mark.e2e
 def test_trainer_own_resume_between_two_logs_side_by_side(runs: dict[str, Path]) -> None:
-    # Measured on transformers 5.23: killed at 5, the Trainer resumes from checkpoint-3 with
+    # Measured on transformers 5.24: killed at 5, the Trainer resumes from checkpoint-3 with
     # bit-identical parameters, but the loss it logs at step 4 averages step 4 alone (runstate
     # logs the uninterrupted average of steps 3 and 4: see the first test).
     assert starts(runs["own_mid"]) == [0, 3]
@@ -410,7 +432,7 @@ def test_trainer_over_an_iterable_dataset_resumes_exactly(runs: dict[str, Path])
     assert starts(runs["iter"]) == [0, 3, 9]
     assert_bit_identical(final(runs["iter"]), final(runs["iter_reference"]))
     assert losses(runs["iter"]) == losses(runs["iter_reference"])
-    # The Trainer's own resume in the second pass (measured on transformers 5.23) differs.
+    # The Trainer's own resume in the second pass (measured on transformers 5.24) differs.
     assert starts(runs["own_iter"]) == [0, 9]
     own, reference = final(runs["own_iter"]), final(runs["own_iter_reference"])
     assert any(not torch.equal(own[k], reference[k]) for k in own if k.startswith("param."))
@@ -442,3 +464,69 @@ def test_accelerate_own_save_state_side_by_side(runs: dict[str, Path]) -> None:
     own, reference = losses(runs["acc_own"]), losses(runs["acc_own_reference"])
     assert own[:3] == reference[:3] and own[3] != reference[3]
     assert (runs["acc_own"] / "acc_state" / "step-3" / "random_states_0.pkl").is_file()
+
+
+@pytest.mark.e2e
+def test_kill_during_accelerate_save_state_side_by_side(runs: dict[str, Path]) -> None:
+    # The same plain Accelerate loop, SIGKILLed at step 6 while the optimizer's file is half
+    # written, then run again. runstate: the half-written checkpoint was never committed; the
+    # next run resumed from step 3 and ended bit-identical to the loop never stopped.
+    torn = json.loads((runs["acc_torn"] / "at_kill.json").read_text())
+    assert torn["folder"].startswith(".tmp-step-000000000006-") and "manifest.json" not in torn["files"], torn
+    assert starts(runs["acc_torn"]) == [0, 3]
+    assert_bit_identical(final(runs["acc_torn"]), final(runs["acc_own_reference"]))
+    assert losses(runs["acc_torn"]) == losses(runs["acc_own_reference"])
+    # accelerate's own (measured on accelerate 1.15): save_state writes step-6/ in place. With
+    # optimizer.bin torn, load_state on that folder loads the model's weights from it, then
+    # raises on optimizer.bin; every restart fails the same way until someone deletes the folder.
+    torn = json.loads((runs["acc_own_torn"] / "at_kill.json").read_text())
+    assert torn["folder"] == "step-6" and "optimizer.bin" in torn["files"] and "scheduler.bin" not in torn["files"]
+    output = (runs["acc_own_torn"] / "output.txt").read_text()
+    assert "All model weights loaded successfully" in output
+    assert "failed finding central directory" in output and "All optimizer states loaded" not in output
+    assert starts(runs["acc_own_torn"]) == [0]  # the second run died in load_state, before training
+    # With its last file (random_states_0.pkl) torn, load_state loads the rest and skips the RNGs
+    # with an INFO log line only: the run goes on silently from a partial state.
+    torn = json.loads((runs["acc_own_torn_rng"] / "at_kill.json").read_text())
+    assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= set(torn["files"]), torn
+    output = (runs["acc_own_torn_rng"] / "output.txt").read_text()
+    assert "Could not load random states" in output and "Traceback" not in output
+    assert starts(runs["acc_own_torn_rng"]) == [0, 6]
+
+
+@pytest.mark.e2e
+def test_manager_without_cadence_saves_at_the_trainer_save_steps(runs: dict[str, Path]) -> None:
+    # CheckpointManager() with no save_every_steps/save_every_seconds, TrainingArguments
+    # save_steps=4: checkpoints at 4, 8, 12 (keep_last=3); killed at 7, resumed from 4.
+    ckpt = runs["no_cadence"] / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step-")) == [
+        "step-000000000004",
+        "step-000000000008",
+        "step-000000000012",
+    ]
+    assert starts(runs["no_cadence"]) == [0, 4]
+    assert_bit_identical(final(runs["no_cadence"]), final(runs["reference"]))
+    assert losses(runs["no_cadence"]) == losses(runs["reference"])
+
+
+@pytest.mark.e2e
+def test_a_stateful_callback_survives_every_resume(runs: dict[str, Path]) -> None:
+    # Seen (an ExportableState callback) records every global step it sees; the TrainerState's
+    # stateful_callbacks bring its list back at each resume (3, 6, 8 in the killed run), so the
+    # last process ends with all 12 steps, as the uninterrupted run does. Lost: [9, 10, 11, 12].
+    every_step = list(range(1, 13))
+    assert json.loads((runs["reference"] / "seen.json").read_text()) == every_step
+    assert starts(runs["runstate"]) == [0, 3, 6, 8]
+    assert json.loads((runs["runstate"] / "seen.json").read_text()) == every_step
+
+
+@pytest.mark.e2e
+def test_sigterm_during_the_save_of_a_step_saves_the_next_step_and_exits_75(runs: dict[str, Path]) -> None:
+    # The SIGTERM arrived while step 6 (an epoch's last) was being saved, so that save does not
+    # count as the preemption save: the Trainer trained step 7, saved it and exited 75 (not at
+    # the epoch end with exit 0 and nothing saved after the signal); the next run went on from 7.
+    assert starts(runs["term_in_save"]) == [0, 7]
+    ckpt = runs["term_in_save"] / "ckpt"
+    assert "step-000000000007" in {p.name for p in ckpt.iterdir()}
+    assert_bit_identical(final(runs["term_in_save"]), final(runs["reference"]))
+    assert losses(runs["term_in_save"]) == losses(runs["reference"])

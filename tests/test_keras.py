@@ -3,20 +3,26 @@
 pytest runs this file on the torch backend (the default set below);
 ``tests/test_keras_tensorflow.py`` runs it again in a subprocess with
 ``KERAS_BACKEND=tensorflow``. The conformance suite's subprocess test trains with
-``model.fit`` (``tests/e2e/keras_job.py``), is SIGKILLed mid-epoch and resumed.
+``model.fit`` (``tests/e2e/keras_job.py``), is SIGKILLed mid-epoch and resumed. On TensorFlow,
+``tests/keras_tfdata_job.py`` does the same with a reshuffled ``tf.data`` pipeline (the
+iterator state path); ``tests/keras_jax_job.py`` checks the JAX-backend recipe.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
@@ -187,6 +193,9 @@ class NoSkipping(runstate.keras.Checkpoint):
     def _install_skipping(self, batches: int) -> None:
         pass
 
+    def _restore_input(self, iterator: Any, resume: Any) -> None:
+        resume.input_state = None  # nor move TensorFlow's iterator to the saved position
+
 
 def test_resumed_fit_takes_the_same_steps_and_ends_identical(tmp_path: Path) -> None:
     reference = keras_job.train_arrays(_fit(tmp_path / "ref"))
@@ -206,6 +215,106 @@ def test_resumed_fit_takes_the_same_steps_and_ends_identical(tmp_path: Path) -> 
     assert same_values(reference, retrained)
 
 
+def test_state_holds_the_global_seed_generator_without_changing_python_random() -> None:
+    """``keras.random.*`` calls without a seed draw from Keras' global seed generator (on torch,
+    ``keras.random.dropout`` without a seed draws from torch's generator instead, saved by ``RNG``)."""
+    from keras.src.backend.common import global_state
+
+    global_state.set_global_attribute("global_seed_generator", None)  # as in a fresh process
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    python_random = random.getstate()
+    saved = runstate.keras.State(model).state_dict()  # creates the generator, as Keras would on first use
+    assert random.getstate() == python_random and "global_seed_generator.0" in saved
+    first = keras.ops.convert_to_numpy(keras.random.normal((64,)))
+    runstate.keras.State(model).load_state_dict(saved)
+    assert np.array_equal(keras.ops.convert_to_numpy(keras.random.normal((64,))), first)
+
+    # Negative control: without it, the generator is not rewound and draws another mask.
+    without = runstate.keras.State(model, global_seed_generator=False)
+    assert "global_seed_generator.0" not in without.state_dict()
+    without.load_state_dict({k: v for k, v in saved.items() if k != "global_seed_generator.0"})
+    assert not np.array_equal(keras.ops.convert_to_numpy(keras.random.normal((64,))), first)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.data iterator state: TensorFlow backend")
+def test_fit_warns_and_replays_when_the_input_position_cannot_be_saved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NumPy arrays with shuffle=True on TensorFlow: Keras shuffles with a stateful op."""
+    model = keras_job.build()
+    with runstate.CheckpointManager(tmp_path, save_every_steps=4) as mgr:
+        model.fit(
+            keras_job.X,
+            keras_job.Y,
+            batch_size=8,
+            epochs=1,
+            shuffle=True,
+            callbacks=[runstate.keras.Checkpoint(mgr)],
+            verbose=0,
+        )
+    assert runstate.load(tmp_path / "step-000000000004")["fit_input"] == {
+        "iterator": None,
+        "shuffle_seeds": None,
+        "pipeline": None,
+    }
+    warned = [r.getMessage() for r in caplog.records if "cannot be saved" in r.getMessage()]
+    assert len(warned) == 1 and "replays the interrupted epoch" in warned[0], warned
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.data iterator state: TensorFlow backend")
+def test_fit_refuses_to_resume_a_dataset_shuffled_with_other_seeds(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    from tests import keras_tfdata_job as job
+
+    def fit(seed: int, *callbacks: Any, scale: float = 1.0) -> None:
+        model = job.build()
+        data = tf.data.Dataset.from_tensor_slices((job.X, job.Y)).shuffle(90, seed=seed)
+        data = data.map(lambda x, y: (x * scale, y)).batch(8)
+        with runstate.CheckpointManager(tmp_path, save_every_steps=4) as mgr:
+            model.fit(data, epochs=2, shuffle=False, callbacks=[runstate.keras.Checkpoint(mgr), *callbacks], verbose=0)
+
+    fit(1, StopAt(5))
+    with pytest.raises(runstate.StateMismatchError, match=r"shuffles with the seeds \[\d+, 2\], the checkpoint's with"):
+        fit(2)
+    with pytest.raises(runstate.StateMismatchError, match=r"fit\(\) is another pipeline \(fingerprint [0-9a-f]{12}\)"):
+        fit(1, scale=2.0)  # TensorFlow would resume it without a word
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.data iterator state: TensorFlow backend")
+def test_fit_resumes_a_map_drawing_from_a_generator_with_unbuilt_metrics(tmp_path: Path) -> None:
+    """The resumed fit builds its compile metrics before the first step without drawing a batch
+    (whose map would draw from the restored generator), and the iterator is read with it."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype("float32")
+
+    def fit(run: str, *callbacks: Any) -> list[np.ndarray]:
+        keras.utils.set_random_seed(0)
+        gen = tf.random.Generator.from_seed(7)
+        ds = tf.data.Dataset.from_tensor_slices((x, x.sum(1, keepdims=True))).shuffle(40, seed=1)
+        ds = ds.map(lambda a, b: (a + gen.normal([4]) * 0.1, b)).batch(4).prefetch(2).with_options(options)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile("sgd", "mse", metrics=["mae"])
+        with runstate.CheckpointManager(tmp_path / run, save_every_steps=3) as mgr:
+            checkpoint = runstate.keras.Checkpoint(mgr, extra={"gen": gen})
+            model.fit(ds, epochs=2, verbose=0, callbacks=[checkpoint, *callbacks])
+        return [w.numpy() for w in model.weights]
+
+    reference = fit("full")
+    fit("cut", StopAt(4))
+    assert (
+        same_values({str(i): w for i, w in enumerate(reference)}, {str(i): w for i, w in enumerate(fit("cut"))}) == []
+    )
+
+
+def test_extra_items_may_not_take_the_callbacks_own_names(tmp_path: Path) -> None:
+    with pytest.raises(runstate.CheckpointConfigError, match=r"uses the names \['fit'\]"):
+        runstate.keras.Checkpoint(runstate.CheckpointManager(tmp_path), extra={"fit": 1, "mine": 2})
+
+
 def test_preemption_saves_then_stops(tmp_path: Path) -> None:
     class Preempt(keras.callbacks.Callback):  # type: ignore[misc]
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
@@ -219,3 +328,70 @@ def test_preemption_saves_then_stops(tmp_path: Path) -> None:
         )
         assert mgr.preempted and mgr.steps() == [6]
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 6
+
+
+def _start(*args: str | Path) -> Any:
+    """Start ``tests/keras_tfdata_job.py`` (TensorFlow backend) in a subprocess."""
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(Path(__file__).parent / "keras_tfdata_job.py"), *map(str, args)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(*procs: Any, rc: int = 0) -> None:
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == rc, out[-4000:]
+
+
+def _losses(out_dir: Path) -> dict[int, str]:
+    """The loss fit reported at each step; a resumed run overwrites the steps it retrained."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "losses.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.data iterator state: TensorFlow backend")
+def test_fit_over_a_reshuffled_tf_data_dataset_resumes_bit_exactly_after_sigkill(tmp_path: Path) -> None:
+    from tests import keras_tfdata_job as job
+
+    run = tmp_path / "run"
+    killed = _start(run, tmp_path / "killed", "--kill-at", "19")
+    reference = job.train(str(tmp_path / "ref-run"), str(tmp_path / "ref"))  # meanwhile, uninterrupted in-process
+    _finish(killed, rc=-signal.SIGKILL)
+    # Checkpoint 16 is 4 batches into epoch 1; checkpoint 12 is the end of epoch 0 (a partial
+    # last batch, the prefetch already at the end of the epoch): resume from each.
+    stored = runstate.load(run / "step-000000000012")
+    assert (stored["fit"]["epoch"], stored["fit"]["batch"]) == (0, 12)
+    assert stored["fit_input"]["iterator"].dtype == np.uint8 and stored["fit_input"]["iterator"].size > 100
+    for name in ("at16", "at12", "control"):
+        shutil.copytree(run, tmp_path / f"{name}-run")
+        shutil.copytree(tmp_path / "killed", tmp_path / name)
+    shutil.rmtree(tmp_path / "at12-run" / "step-000000000016")
+    # The negative control resumes checkpoint 16 without the iterator state (the old replay).
+    control = _start(tmp_path / "control-run", tmp_path / "control", "--control", "replay")
+    _finish(_start(tmp_path / "at16-run", tmp_path / "at16"), _start(tmp_path / "at12-run", tmp_path / "at12"), control)
+
+    losses = _losses(tmp_path / "ref")
+    assert sorted(losses) == list(range(1, job.TOTAL_STEPS + 1))
+    for name in ("at16", "at12"):
+        assert _losses(tmp_path / name) == losses, name  # every step, those after the resume included
+        assert same_values(reference, load_file(tmp_path / name / "final.safetensors")) == [], name
+    control_losses = _losses(tmp_path / "control")
+    assert [s for s in losses if control_losses[s] != losses[s]][:1] == [17]  # the first step after the resume
+    assert same_values(reference, load_file(tmp_path / "control" / "final.safetensors"))
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(BACKEND != "torch", reason="runs its own JAX-backend process once, from the torch run")
+def test_state_in_a_train_on_batch_loop_resumes_exactly_on_the_jax_backend(tmp_path: Path) -> None:
+    """``Checkpoint`` refuses JAX; the documented recipe there (``State`` + ``train_on_batch``) is exact."""
+    pytest.importorskip("jax")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"}
+    job = Path(__file__).parent / "keras_jax_job.py"
+    proc = subprocess.run(
+        [sys.executable, str(job), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "global_seed_generator.0" in result["keys"] and result["checkpoint_refused"]
+    assert result["resumed"] == []
+    assert result["control"]  # negative control: the optimizer's moments left out

@@ -30,6 +30,7 @@ from runstate.errors import (
     StepExistsError,
     UnsupportedTypeError,
 )
+from runstate.format.compress import Compression
 from runstate.inspect import CheckpointContents, ItemContents, ObjectSummary, TensorSummary, inspect
 from runstate.manager import CheckpointManager
 from runstate.policies import Retention, SaveCadence
@@ -60,6 +61,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointReadError",
     "CheckpointWriteError",
+    "Compression",
     "CorruptCheckpointError",
     "FormatVersionError",
     "ItemContents",

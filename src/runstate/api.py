@@ -13,6 +13,7 @@ from runstate._impl.reader import CheckpointReader
 from runstate._impl.restore import plain, restore_state
 from runstate._impl.restore_result import RestoreResult
 from runstate.adapters import prepare_loaders
+from runstate.format.compress import Compression, resolve_compression
 from runstate.storage import is_url, local_path, parent_store
 
 __all__ = ["load", "save"]
@@ -25,6 +26,7 @@ def save(
     step: int | None = None,
     metrics: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    compression: str | Compression | None = None,
 ) -> CheckpointInfo:
     """Save ``state`` as one checkpoint directory at ``path``, atomically.
 
@@ -40,12 +42,16 @@ def save(
         step: the training step, recorded in the manifest.
         metrics: numbers to record with the checkpoint (e.g. ``{"loss": 0.31}``).
         storage_options: fsspec options for a URL (credentials, ``client_kwargs``...).
+        compression: ``"zstd"`` (or a :class:`runstate.Compression`) to compress the tensor
+            files losslessly (needs ``pip install runstate[zstd]``; docs/performance.md says
+            when it pays); None (the default) writes them as they are.
 
     Returns:
         The :class:`CheckpointInfo` of the committed checkpoint.
 
     Raises:
         UnsupportedTypeError: a value cannot be stored without pickle (nothing is written).
+        CheckpointConfigError: a bad ``compression`` value, or zstandard is not installed.
         StepExistsError: ``path`` already exists.
         CheckpointWriteError: the disk failed; nothing was committed.
 
@@ -53,12 +59,13 @@ def save(
         >>> info = runstate.save("ckpt", {"model": model, "epoch": 3}, step=1200)  # doctest: +SKIP
     """
     location = os.fspath(path)
+    packing = resolve_compression(compression)
     validate_state(state, f"save({location!r})")
     prepare_loaders(state, saving=True)
     checked_step = None if step is None else validate_step(step)
     store, name = parent_store(location, storage_options)
     group = current_group()  # every process of a torch.distributed job calls save; rank 0 commits
-    captured = capture(state, metrics, group, where=store.join(name))
+    captured = capture(state, metrics, group, where=store.join(name), compression=packing)
     info = save_checkpoint(store, name, captured, group=group, step=checked_step)
     # a local path is reported as given ("ckpt" stays relative, "~" expanded)
     return info if is_url(location) else dataclasses.replace(info, path=local_path(location))

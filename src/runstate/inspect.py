@@ -114,6 +114,8 @@ class CheckpointContents:
         files: each tensor file and its size in bytes.
         items: every item by name, in the order of the saved state.
         format_version: the on-disk format version.
+        blobs: each file of the run's blob area it refers to (incremental checkpoints), and its size.
+        own_blobs: the blobs this checkpoint wrote itself (the others an earlier one wrote).
     """
 
     path: str
@@ -125,6 +127,18 @@ class CheckpointContents:
     files: dict[str, int] = field(default_factory=dict)
     items: dict[str, ItemContents] = field(default_factory=dict)
     format_version: int = 1
+    blobs: dict[str, int] = field(default_factory=dict)
+    own_blobs: frozenset[str] = frozenset()
+
+    @property
+    def referenced_nbytes(self) -> int:
+        """Bytes of the blobs it refers to that an earlier checkpoint wrote (0 unless incremental)."""
+        return sum(n for name, n in self.blobs.items() if name not in self.own_blobs)
+
+    @property
+    def own_nbytes(self) -> int:
+        """Bytes it wrote itself: :attr:`nbytes` minus :attr:`referenced_nbytes`."""
+        return self.nbytes - self.referenced_nbytes
 
     @property
     def tensors(self) -> tuple[TensorSummary, ...]:
@@ -146,11 +160,12 @@ class _Summaries:
 
 
 def _summary(item: str, name: str, entry: TensorEntry) -> TensorSummary:
+    stored, entry = entry, entry.decoded()  # a compressed tensor: its real dtype and shape
     dtype, shape = entry.dtype, entry.shape
     if "lib_dtype" in entry.meta:
         dtype = str(entry.meta["lib_dtype"])
         shape = tuple(entry.meta.get("lib_shape", shape))
-    return TensorSummary(item, name, dtype, shape, entry.end - entry.begin, entry.file, entry.lib)
+    return TensorSummary(item, name, dtype, shape, stored.end - stored.begin, entry.file, entry.lib)
 
 
 def _describe(tree: dict[str, Any], value: Any) -> tuple[str, str]:
@@ -252,4 +267,6 @@ def _contents(store: Store) -> CheckpointContents:
         files=dict(manifest.files),
         items=items,
         format_version=manifest.format_version,
+        blobs=dict(manifest.blobs),
+        own_blobs=manifest.own_blobs,
     )

@@ -36,6 +36,7 @@ from typing import Any
 
 from runstate._impl.group import current_group
 from runstate._impl.housekeeping import RunHousekeeping
+from runstate._impl.incremental import Incremental
 from runstate._impl.pipeline import CheckpointInfo, validate_state
 from runstate._impl.preemption import EXIT_PREEMPTED, PreemptionWatcher, signal_numbers
 from runstate._impl.restore_report import RestoreReport
@@ -45,6 +46,7 @@ from runstate._impl.run_restore import RestoreOptions, RunRestorer
 from runstate._impl.savers import make_saver
 from runstate.adapters import prepare_loaders
 from runstate.errors import CheckpointConfigError, CheckpointError
+from runstate.format.compress import Compression, resolve_compression
 from runstate.policies import Retention, SaveCadence
 
 __all__ = ["EXIT_PREEMPTED", "CheckpointManager"]
@@ -145,6 +147,19 @@ class CheckpointManager:
         require_exact: refuse (``UnsupportedTypeError`` at ``save``) a state holding a data
             loader that cannot resume exactly (``torch.utils.data.DataLoader``, an iterator),
             instead of logging one WARNING at the first save.
+        compression: ``"zstd"`` (or a :class:`runstate.Compression`) to compress the tensor
+            files losslessly (``pip install runstate[zstd]``); None (the default) writes
+            them as they are. Reading needs no option: a compressed checkpoint says so.
+        incremental: write only the tensors that changed since the last checkpoint this
+            manager saved or restored; the others are referred to (tensor files live in the
+            run's ``blobs/`` folder, removed once no checkpoint refers to them; see
+            docs/format.md section 15). ``True`` (or ``"hash"``) hashes every tensor that
+            has a candidate and compares. ``"versions"`` also skips reading a frozen
+            parameter (``requires_grad=False``) whose storage and version counter did not
+            change: faster, but only for code that never writes frozen tensors through
+            ``.data``, NumPy or DLPack (which move no version counter; PEFT's
+            ``merge_adapter`` does). Single process only.
+            ``runstate copy`` makes one checkpoint standalone.
 
     Raises:
         CheckpointConfigError: an option is invalid (``keep_last=0``, ``best_mode="x"``,
@@ -184,7 +199,10 @@ class CheckpointManager:
         require_exact: bool = False,
         retention: Retention | None = None,
         cadence: SaveCadence | None = None,
+        compression: str | Compression | None = None,
+        incremental: bool | str = False,
     ) -> None:
+        self.compression: Compression | None = resolve_compression(compression)
         self.retention: Retention = _policy(
             Retention,
             retention,
@@ -206,7 +224,22 @@ class CheckpointManager:
             )
         signums = signal_numbers(save_on_signals)
         self._group = current_group(group)
+        if incremental not in (False, True, "hash", "versions"):
+            raise CheckpointConfigError(
+                f'incremental must be False, True, "hash" or "versions", got {incremental!r}'
+            )
+        if incremental and self._group.distributed:
+            raise CheckpointConfigError(
+                "incremental=True is not supported under torch.distributed yet (each process would need its "
+                "own dedup state); use incremental=False"
+            )
+        if incremental and self.compression is not None:
+            raise CheckpointConfigError(
+                "incremental=True cannot be combined with compression yet (a compressed tensor is not compared "
+                "with the one already stored); choose one of them"
+            )
         self._run = RunDirectory(directory, storage_options, self._group, read_only=self.read_only)
+        self._incremental = Incremental(self._run.store, trust_versions=incremental == "versions") if incremental else None
         self.directory = self._run.location
         self._saver = make_saver(self._run.store, self._group, async_save=bool(async_save))
         try:
@@ -395,6 +428,8 @@ class CheckpointManager:
             verify=verify,
             before_start=lambda: self._upkeep.before_save(step),
             after_commit=lambda _info: self._upkeep.after_save(step),
+            compression=self.compression,
+            incremental=self._incremental,
         )
         self._last_save = now
         if signalled:
@@ -477,4 +512,6 @@ class CheckpointManager:
                 self._upkeep.rolled_back(step)
         if result is not None:
             self.last_restore_report = result.report
+            if self._incremental is not None:  # the next save refers to the restored tensors
+                self._incremental.adopt_manifest(self._run.manifest(int(result)))
         return result

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from runstate.errors import CheckpointConfigError
 
@@ -27,6 +27,15 @@ __all__ = ["Registration", "Registry", "register", "registry"]
 
 # Values the typed tree stores natively: registering them would change every checkpoint.
 _NATIVE: tuple[type, ...] = (type(None), bool, int, float, str, bytes, list, tuple, dict, OrderedDict)
+
+
+class Registrations(Protocol):
+    """Where the save and restore paths look up how a class is saved (a :class:`Registry`, or
+    one that also asks the imported frameworks' adapters: ``runstate.adapters.REGISTRATIONS``)."""
+
+    def get(self, type_: type, /) -> Registration | None:
+        """How instances of exactly ``type_`` are saved and restored, or None."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,7 @@ class Registry:
             raise KeyError(f"{type_!r} is not registered")
         del self._entries[type_]
 
-    def get(self, type_: type) -> Registration | None:
+    def get(self, type_: type, /) -> Registration | None:
         """The registration of exactly ``type_``, or None."""
         return self._entries.get(type_)
 

@@ -8,6 +8,10 @@ only through retention (deleted), or set aside under a name no reader takes for 
 it stays until the user removes it. Those names are made and parsed by :mod:`runstate.storage`
 (``Store.set_aside_damaged``, ``Store.set_aside``, ``Store.list_aside``), never here.
 
+Incremental runs keep tensor files in the run's blob area: a blob is removed here, after
+the deletions, when no manifest of the run refers to it any more
+(:func:`~runstate._impl.incremental.collect_blobs`).
+
 Why a rollback sets steps aside: after ``restore(state, step=100)`` on a run holding 100,
 200 and 300, training goes on from 100. Were 200 and 300 left committed, a restart would
 resume the abandoned branch, saving step 200 again would fail, and retention would count
@@ -20,6 +24,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from runstate._impl.incremental import collect_blobs
 from runstate._impl.reader import CheckpointReader
 from runstate.errors import CheckpointError, CheckpointWriteError, StepExistsError
 from runstate.policies import Retention
@@ -156,9 +161,14 @@ class RunHousekeeping:
             else:
                 self._rolled_back_to = None
         keep = self.retention.to_keep(list(committed), metrics, protected=protected)
+        deleted = False
         for s in committed:
             if s not in keep:
                 self._store.delete(step_dirname(s))
+                deleted = True
+        if deleted:  # only a deletion (or a killed save, collected with it) leaves blobs unreferenced
+            for blob in collect_blobs(self._store):
+                logger.info("removed blob no checkpoint refers to: %s", blob)
 
     def abandoned(self) -> list[tuple[int, str]]:
         """``(step, location)`` of every checkpoint set aside by a rollback, by step."""
@@ -169,9 +179,10 @@ class RunHousekeeping:
         self._lock.acquire()
         aside = [name for _, name in self._store.list_aside(ABANDONED)] if abandoned else []
         if dry_run:
-            return self._store.list_leftovers() + [self._store.join(name) for name in aside]
+            listed = self._store.list_leftovers() + [self._store.join(name) for name in aside]
+            return listed + collect_blobs(self._store, dry_run=True, ignore=set(aside))
         removed = self._store.remove_leftovers()
         for name in aside:
             self._store.delete(name)
             removed.append(self._store.join(name))
-        return removed
+        return removed + collect_blobs(self._store)  # after the manifests that referred to them are gone

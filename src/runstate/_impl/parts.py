@@ -18,18 +18,31 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, Protocol
 
 from runstate.adapters import block_placement, without_placement
 from runstate.errors import CheckpointWriteError
+from runstate.format.compress import Compression
 from runstate.format.manifest import MANIFEST_NAME, ItemEntry, TensorEntry, item_from_json
 from runstate.format.safetensors_io import WrittenTensor, file_metadata, write_safetensors
 from runstate.format.tensors import TensorBlob
 from runstate.format.tree import Encoder
 from runstate.storage.base import Staging
 
-__all__ = ["DEFAULT_SHARD_BYTES", "FilePlan", "merge", "part_name", "read_parts", "write_part"]
+__all__ = [
+    "DEFAULT_SHARD_BYTES",
+    "FilePlan",
+    "FileSink",
+    "file_names",
+    "merge",
+    "part_name",
+    "read_parts",
+    "shards",
+    "write_files",
+    "write_part",
+]
 
 #: Tensor files of one item are split past this size (``model-00001-of-00003.safetensors``).
 DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -54,6 +67,7 @@ class FilePlan:
     item: str
     tensors: list[tuple[str, TensorBlob]]
     metadata: dict[str, str]
+    plain: frozenset[str] = frozenset()  # never compressed: blocks of sharded tensors
 
 
 def _file_names(item: str, n_shards: int, taken: set[str]) -> list[str]:
@@ -126,17 +140,40 @@ def _plan(
             fnames = _file_names(base, len(shards), taken)
             # from every tensor of the item, not only this process's: readers expect one metadata
             metadata = file_metadata(name, (b.lib for b in enc.blobs.values()))
-            plans.extend(FilePlan(f, name, shard, metadata) for f, shard in zip(fnames, shards, strict=True))
+            blocks = frozenset(p["tensor"] for c in chunks.values() for p in c["parts"])
+            plans.extend(FilePlan(f, name, shard, metadata, blocks) for f, shard in zip(fnames, shards, strict=True))
         part_items[name] = {"tree": tree if (name not in sharded or rank == 0) else None, "chunks": chunks}
     return plans, part_items
 
 
-def _write_file(staging: Staging, plan: FilePlan) -> tuple[int, dict[str, WrittenTensor]]:
+class FileSink(Protocol):
+    """Where tensor files are written: a checkpoint's staging, or a run's blob area (:mod:`runstate._impl.incremental`)."""
+
+    parallel_writes: int
+
+    def open_write(self, name: str) -> AbstractContextManager[IO[bytes]]:
+        """A new file ``name``, durable when the block exits."""
+        ...
+
+
+def _write_file(
+    staging: FileSink, plan: FilePlan, compression: Compression | None
+) -> tuple[int, dict[str, WrittenTensor]]:
     with staging.open_write(plan.name) as f:
-        return write_safetensors(f, plan.tensors, plan.metadata)
+        return write_safetensors(f, plan.tensors, plan.metadata, compression=compression, plain=plan.plain)
 
 
-def _write_files(staging: Staging, plans: list[FilePlan]) -> tuple[dict[str, int], dict[str, dict[str, TensorEntry]]]:
+def _entry(fname: str, blob: TensorBlob, w: WrittenTensor) -> TensorEntry:
+    """The index entry of a written tensor (a compressed one is stored as U8 bytes, docs/format.md)."""
+    if w.packing is None:
+        return TensorEntry(fname, blob.dtype, blob.shape, w.begin, w.end, w.xxh3, blob.lib, blob.meta)
+    meta = {**blob.meta, "compression": w.packing.to_json()}
+    return TensorEntry(fname, "U8", (w.end - w.begin,), w.begin, w.end, w.xxh3, blob.lib, meta)
+
+
+def _write_files(
+    staging: FileSink, plans: list[FilePlan], compression: Compression | None = None
+) -> tuple[dict[str, int], dict[str, dict[str, TensorEntry]]]:
     """Write planned tensor files, ``staging.parallel_writes`` at a time (one at a time on a local disk).
 
     Returns:
@@ -145,19 +182,22 @@ def _write_files(staging: Staging, plans: list[FilePlan]) -> tuple[dict[str, int
     workers = min(staging.parallel_writes, len(plans))
     if workers > 1:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runstate-write") as pool:
-            results = list(pool.map(lambda p: _write_file(staging, p), plans))
+            results = list(pool.map(lambda p: _write_file(staging, p, compression), plans))
     else:
-        results = [_write_file(staging, p) for p in plans]
+        results = [_write_file(staging, p, compression) for p in plans]
     files: dict[str, int] = {}
     entries: dict[str, dict[str, TensorEntry]] = {}
     for plan, (size, written) in zip(plans, results, strict=True):
         files[plan.name] = size
         for tname, blob in plan.tensors:
-            w = written[tname]
-            entries.setdefault(plan.item, {})[tname] = TensorEntry(
-                plan.name, blob.dtype, blob.shape, w.begin, w.end, w.xxh3, blob.lib, blob.meta
-            )
+            entries.setdefault(plan.item, {})[tname] = _entry(plan.name, blob, written[tname])
     return files, entries
+
+
+#: Public names of the helpers :mod:`runstate._impl.incremental` shares (same files, same names).
+write_files = _write_files
+shards = _shards
+file_names = _file_names
 
 
 def write_part(
@@ -168,6 +208,7 @@ def write_part(
     rank: int,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     publish: bool,
+    compression: Compression | None = None,
 ) -> Part:
     """Write this process's tensor files into ``staging``; return its part.
 
@@ -178,9 +219,10 @@ def write_part(
         rank: this process's rank (0 for a single process).
         shard_bytes: split an item's files past this many tensor bytes.
         publish: also write the part as ``rank-<r>.part.json`` (for the process that commits).
+        compression: compress the tensor files (None: written as they are).
     """
     plans, part_items = _plan(items, sharded, rank, shard_bytes)
-    files, entries = _write_files(staging, plans)
+    files, entries = _write_files(staging, plans, compression)
     for name, item in part_items.items():
         written = entries.get(name, {})
         # a part that stays in this process keeps its TensorEntry objects (no JSON round trip)

@@ -30,7 +30,7 @@ import json
 import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,9 +49,13 @@ from runstate.errors import (
     StepExistsError,
     UnsupportedTypeError,
 )
+from runstate.format.compress import Compression
 from runstate.format.manifest import RANK_SUFFIX, Manifest, RankInfo, per_rank_name
 from runstate.format.tree import Encoder
 from runstate.storage.base import Staging, Store
+
+if TYPE_CHECKING:  # incremental reads manifests through the reader, which imports this module
+    from runstate._impl.incremental import Incremental, Prepared
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
@@ -117,6 +121,13 @@ class Captured:
         per_rank: the (plain) names of the items each process saves for itself.
         metrics: the metric values, as given (numbers, bools, strings, None).
         metrics_node: the metrics as a typed tree, as the manifest stores them.
+        compression: how to compress the tensor files (None: as they are).
+        incremental: the writer's dedup state when the run is incremental (tensor files go to
+            the run's blob area, unchanged tensors are not written again); None otherwise.
+        frozen: per item, the tensors its framework says training leaves unchanged (only
+            computed for an incremental save).
+        prepared: what the incremental state decided at capture (frozen tensors proven
+            unchanged, taken out of the items' blobs), or None.
     """
 
     items: dict[str, tuple[dict[str, Any], Encoder]]
@@ -124,6 +135,10 @@ class Captured:
     per_rank: tuple[str, ...]
     metrics: dict[str, Any]
     metrics_node: dict[str, Any]
+    compression: Compression | None = None
+    incremental: Incremental | None = None
+    frozen: dict[str, frozenset[str]] = field(default_factory=dict)
+    prepared: Prepared | None = None
 
 
 def _metric_value(name: str, value: Any) -> Any:
@@ -156,7 +171,7 @@ def _encode(state: Mapping[str, Any], metrics: Mapping[str, Any] | None, group: 
     per_rank: list[str] = []
     layout = []
     for name, value in values.items():
-        enc = Encoder(name, adapters.find_codec, objects)
+        enc = Encoder(name, adapters.find_codec, objects, adapters.REGISTRATIONS)
         tree = enc.encode(value)
         tree.update(adapters.item_extras(name, value, values))  # e.g. an optimizer's parameter names
         if is_per_rank(state[name]):
@@ -176,7 +191,13 @@ def _encode(state: Mapping[str, Any], metrics: Mapping[str, Any] | None, group: 
 
 
 def capture(
-    state: Mapping[str, Any], metrics: Mapping[str, Any] | None, group: Group, *, where: str = "save"
+    state: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None,
+    group: Group,
+    *,
+    where: str = "save",
+    compression: Compression | None = None,
+    incremental: Incremental | None = None,
 ) -> Captured:
     """Validate ``metrics`` and encode ``state`` without touching the storage (step 1).
 
@@ -187,6 +208,8 @@ def capture(
         metrics: numbers to record with the checkpoint, or None.
         group: the processes saving together.
         where: the checkpoint's location, for error messages.
+        compression: how to compress the tensor files, from ``resolve_compression``.
+        incremental: the writer's dedup state (a ``CheckpointManager(incremental=True)``).
 
     Raises:
         UnsupportedTypeError: a value or metric cannot be stored (on the process that met it;
@@ -211,6 +234,12 @@ def capture(
             f"item names, with the same ones per-rank and sharded (this one: {layout}); nothing was written"
         )
     assert captured is not None
+    captured.compression = compression
+    if incremental is not None:
+        captured.incremental = incremental
+        captured.frozen = {name: adapters.frozen_tensors(unwrap(state[name])) for name in captured.items}
+        plain = {n: v for n, v in captured.items.items() if n not in captured.sharded}
+        captured.prepared = incremental.prepare(plain, captured.frozen)
     return captured
 
 
@@ -260,7 +289,9 @@ def save_checkpoint(
         return began[0].location
 
     location = _rank0_does(group, begin, where, "could not start the checkpoint")
-    staging, part = _write_agreed(store, began[0] if began else None, location, captured, group, shard_bytes, where)
+    staging, part = _write_agreed(
+        store, began[0] if began else None, location, captured, group, shard_bytes, where, step
+    )
     with staging:  # an exception aborts (on rank 0: the whole checkpoint; elsewhere: this process's files)
         text = _rank0_does(
             group,
@@ -281,6 +312,7 @@ def _write_agreed(
     group: Group,
     shard_bytes: int,
     where: str,
+    step: int | None = None,
 ) -> tuple[Staging, parts.Part]:
     """Collective: every process writes its files into the checkpoint; when any failed, all raise.
 
@@ -293,14 +325,18 @@ def _write_agreed(
     try:
         if staging is None:
             staging = store.attach(location)
-        part = parts.write_part(
-            staging,
-            captured.items,
-            captured.sharded,
-            rank=group.rank,
-            shard_bytes=shard_bytes,
-            publish=group.distributed,  # the committing process reads the others' parts
-        )
+        if captured.incremental is not None and not group.distributed:
+            part = _write_incremental(store, staging, captured, step, shard_bytes)
+        else:
+            part = parts.write_part(
+                staging,
+                captured.items,
+                captured.sharded,
+                rank=group.rank,
+                shard_bytes=shard_bytes,
+                publish=group.distributed,  # the committing process reads the others' parts
+                compression=captured.compression,
+            )
     except Exception as exc:  # every process must reach the agreement below, whatever failed
         error = _as_checkpoint_error(exc, where, group, staging)
     except BaseException:  # interrupted mid-write (KeyboardInterrupt): this process stops here
@@ -323,6 +359,30 @@ def _write_agreed(
     # stays as an invisible leftover, removed by the next save (as rank 0 cannot know it is safe).
     assert staging is not None
     return staging, part
+
+
+def _write_incremental(
+    store: Store, staging: Staging, captured: Captured, step: int | None, shard_bytes: int
+) -> parts.Part:
+    """One process's incremental part: tensors in the run's blob area (unchanged ones not
+    written again), sharded items (if any) in the checkpoint as usual."""
+    assert captured.incremental is not None and captured.prepared is not None
+    plain = {n: v for n, v in captured.items.items() if n not in captured.sharded}
+    written = captured.incremental.write(step, plain, captured.frozen, captured.prepared, shard_bytes=shard_bytes)
+    part = parts.write_part(
+        staging,
+        {n: v for n, v in captured.items.items() if n in captured.sharded},
+        captured.sharded,
+        rank=0,
+        shard_bytes=shard_bytes,
+        publish=False,
+        compression=captured.compression,
+    )
+    for name, (tree, _enc) in plain.items():
+        part["items"][name] = {"tree": tree, "chunks": {}, "tensors": written.entries.get(name, {})}
+    part["items"] = {name: part["items"][name] for name in captured.items}  # the state's order
+    part["blobs"], part["own_blobs"] = written.blobs, written.own
+    return part
 
 
 def _commit(
@@ -351,6 +411,8 @@ def _commit(
             items=items,
             files=files,
             ranks=RankInfo(group.size, captured.per_rank) if group.distributed else None,
+            blobs=own.get("blobs", {}),
+            own_blobs=own.get("own_blobs", frozenset()),
         )
         raw = manifest.to_json_bytes()
         if before_commit is not None:
@@ -358,7 +420,11 @@ def _commit(
         final = staging.commit(raw)
     except BaseException:
         staging.abort()
+        if captured.incremental is not None:
+            captured.incremental.abandoned()
         raise
+    if captured.incremental is not None:
+        captured.incremental.committed()
     return json.dumps({"path": final, "created": manifest.created, "nbytes": manifest.nbytes + len(raw)})
 
 

@@ -26,10 +26,12 @@ from contextlib import AbstractContextManager
 from typing import IO, Any, TypeVar
 
 import numpy as np
+import xxhash
 
 from runstate._impl.pipeline import CheckpointInfo
 from runstate.adapters import codec_for_lib, object_codecs
 from runstate.errors import CheckpointNotFoundError, CheckpointReadError, CorruptCheckpointError, UnsupportedTypeError
+from runstate.format.compress import DecodeError, Packing, decode_chunks
 from runstate.format.depth import stack_room
 from runstate.format.manifest import MANIFEST_NAME, ChunkedTensor, Manifest, TensorEntry
 from runstate.format.safetensors_io import (
@@ -136,6 +138,50 @@ def _missing(store: Store) -> CheckpointNotFoundError:
     return CheckpointNotFoundError(f"no checkpoint at {path}")
 
 
+def _padded_header(raw: bytes, expected: bytes, entries: Any) -> bool:
+    """True for the header of a file holding compressed tensors: the canonical header followed
+    by spaces (room the writer reserved before it knew the compressed sizes)."""
+    return (
+        any("compression" in e.meta for e in entries)
+        and len(raw) % 8 == 0
+        and raw.startswith(expected)
+        and raw[len(expected) :].strip(b" ") == b""
+    )
+
+
+def _decode(
+    f: IO[bytes], fpath: str, start: int, packing: Packing, whole: bool
+) -> tuple[str, str, DecodeError | None, np.ndarray | None]:
+    """Stream a compressed tensor's frames from ``start`` through the decoder.
+
+    Returns:
+        The XXH3 of the stored bytes read and of the decoded bytes, the decode failure (the
+        stored hash is then partial), and the decoded tensor (None unless ``whole``).
+    """
+    out = np.empty(packing.nbytes, np.uint8) if whole else None
+    buf = np.empty(max(packing.chunks, default=0), np.uint8)
+    stored, decoded = xxhash.xxh3_64(), xxhash.xxh3_64()
+    f.seek(start)
+
+    def read(n: int) -> memoryview:
+        view = buf.data[:n]
+        got = 0
+        while got < n:
+            k = f.readinto(view[got:])  # type: ignore[attr-defined]
+            if not k:
+                raise CorruptCheckpointError(f"{fpath}: file is truncated inside a compressed tensor")
+            got += k
+        stored.update(view)
+        return view
+
+    try:
+        for piece in decode_chunks(packing, read, out):
+            decoded.update(piece.data)
+    except DecodeError as exc:
+        return stored.hexdigest(), decoded.hexdigest(), exc, None
+    return stored.hexdigest(), decoded.hexdigest(), None, out
+
+
 def read_manifest_bytes(store: Store) -> bytes:
     """The raw ``manifest.json`` of the checkpoint at ``store``, refused when implausibly large.
 
@@ -190,6 +236,7 @@ class CheckpointReader:
         self._files: OrderedDict[str, tuple[IO[bytes], int]] = OrderedDict()  # least recently used first
         self._by_file: dict[str, dict[str, dict[str, TensorEntry]]] | None = None
         self._headers: dict[str, bytes] = {}  # header bytes already checked, by file
+        self._blob_area: Store | None = None
         self._rooms: list[AbstractContextManager[None]] = []
         self._objects = object_codecs(for_loading=True)
         #: Values already loaded by other means, by ``(item, tensor name)``: sharded tensors
@@ -242,13 +289,15 @@ class CheckpointReader:
         if fname in self._files:
             self._files.move_to_end(fname)
             return self._files[fname]
-        fpath = self.store.join(fname)
-        expected = self.manifest.files[fname]
+        in_blobs = fname in self.manifest.blobs  # in the run's blob area, not in the checkpoint
+        store = self.blob_area() if in_blobs else self.store
+        fpath = store.join(fname)
+        expected = self.manifest.blobs[fname] if in_blobs else self.manifest.files[fname]
         while self.store.is_local and len(self._files) >= MAX_OPEN_FILES:  # object stores hold no descriptors
             _, (old, _start) = self._files.popitem(last=False)
             old.close()
         try:
-            f, size = _guarded(fpath, lambda: self.store.open_read(fname))
+            f, size = _guarded(fpath, lambda: store.open_read(fname))
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{fpath}: file is missing; the checkpoint is incomplete", file=fname) from None
         except (CorruptCheckpointError, CheckpointReadError):
@@ -268,13 +317,62 @@ class CheckpointReader:
                 except CorruptCheckpointError as exc:
                     exc.file = fname
                     raise
-                self._check_header(fpath, fname, header, raw, size - data_start)
+                if in_blobs:
+                    self._check_blob_header(fpath, fname, header, size - data_start)
+                else:
+                    self._check_header(fpath, fname, header, raw, size - data_start)
                 self._headers[fname] = raw
         except BaseException:
             f.close()
             raise
         self._files[fname] = (f, data_start)
         return f, data_start
+
+    def blob_area(self) -> Store:
+        """The store of the run's blob area, where the files listed in ``blobs`` are."""
+        if self._blob_area is None:
+            self._blob_area = self.store.blob_area()
+        return self._blob_area
+
+    def location_of(self, fname: str) -> str:
+        """Where the tensor file ``fname`` of the manifest is (the checkpoint, or the run's blob area)."""
+        return self.blob_area().join(fname) if fname in self.manifest.blobs else self.store.join(fname)
+
+    def _check_blob_header(self, fpath: str, fname: str, header: dict[str, Any], data_size: int) -> None:
+        """Check the header of a blob: it may hold tensors this checkpoint does not use (they
+        changed since it was written), so only the tensors it uses are compared with the manifest;
+        every tensor it lists must lie inside its data section, which they fill exactly."""
+        owners = self._owners(fname)
+        if len(owners) != 1:
+            raise CorruptCheckpointError(
+                f"{fpath}: the manifest puts tensors of {len(owners)} items in this blob, a tensor file holds "
+                "the tensors of exactly one item",
+                file=fname,
+            )
+        ((_item, listed),) = owners.items()
+        end = 0
+        for tname, h in header.items():
+            if tname == "__metadata__":
+                continue
+            offsets = h.get("data_offsets") if isinstance(h, dict) else None
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+                raise CorruptCheckpointError(f"{fpath}: header entry of {tname!r} has no offsets", file=fname)
+            if not 0 <= offsets[0] <= offsets[1] <= data_size:
+                raise CorruptCheckpointError(f"{fpath}: tensor {tname!r} lies outside the data section", file=fname)
+            end = max(end, offsets[1])
+        if end != data_size:
+            raise CorruptCheckpointError(f"{fpath}: data section is {data_size} bytes, the tensors need {end}", file=fname)
+        for tname, e in listed.items():
+            h = header.get(tname)
+            if (
+                not isinstance(h, dict)
+                or h.get("dtype") != e.dtype
+                or h.get("shape") != list(e.shape)
+                or h.get("data_offsets") != [e.begin, e.end]
+            ):
+                raise CorruptCheckpointError(
+                    f"{fpath}: header entry of tensor {tname!r} differs from the manifest", file=fname, tensor=tname
+                )
 
     def _owners(self, fname: str) -> dict[str, dict[str, TensorEntry]]:
         """The tensors the manifest puts in ``fname``, by item (computed once for all files)."""
@@ -330,7 +428,7 @@ class CheckpointReader:
         libs = (e.lib for e in self.manifest.items[item].tensors.values())
         in_file = ((t, listed[t].dtype, listed[t].shape, listed[t].begin, listed[t].end) for t in header if t in listed)
         expected = header_bytes(in_file, file_metadata(item, libs))
-        if raw != expected:
+        if raw != expected and not _padded_header(raw, expected, listed.values()):
             raise CorruptCheckpointError(
                 f"{fpath}: header bytes differ from the ones the manifest implies (damaged metadata, "
                 "formatting or padding)",
@@ -371,7 +469,9 @@ class CheckpointReader:
     def _read(self, item: str, name: str, *, whole: bool) -> Any:
         entry = self.entry(item, name)
         f, data_start = self.open_file(entry.file)
-        fpath = self.store.join(entry.file)
+        fpath = self.location_of(entry.file)
+        if "compression" in entry.meta:
+            return self._read_compressed(item, name, entry, f, fpath, data_start, whole=whole)
         data: Any = None
         try:
             if whole:
@@ -391,6 +491,42 @@ class CheckpointReader:
             )
         return data
 
+    def _read_compressed(
+        self, item: str, name: str, entry: TensorEntry, f: IO[bytes], fpath: str, data_start: int, *, whole: bool
+    ) -> Any:
+        """Read and decode a compressed tensor chunk by chunk (docs/format.md, "Compression").
+
+        Both checksums are checked: the stored bytes' (``xxh3``) and the decoded bytes'
+        (``compression.xxh3``). Nothing decoded is returned unless both match. Memory: the
+        decoded tensor (when ``whole``) plus one stored and one decoded chunk.
+        """
+        packing = Packing.from_json(entry.meta["compression"], entry.end - entry.begin)  # checked at parse
+        try:
+            stored, decoded, failure, out = _guarded(
+                fpath, lambda: _decode(f, fpath, data_start + entry.begin, packing, whole)
+            )
+            if failure is not None:  # a frame that does not decode: are the stored bytes damaged?
+                stored = _guarded(fpath, lambda: checksum_range(f, fpath, data_start, entry.begin, entry.end))
+        except CorruptCheckpointError as exc:
+            exc.file, exc.tensor = entry.file, name
+            raise
+        if stored != entry.xxh3:
+            raise CorruptCheckpointError(
+                f"{fpath}: checksum mismatch in the compressed bytes of tensor {name!r} of item {item!r}; the "
+                "file is damaged, restore from another checkpoint",
+                file=entry.file,
+                tensor=name,
+            )
+        if failure is not None or decoded != packing.xxh3:
+            why = f"do not decode ({failure})" if failure is not None else "decode to bytes whose checksum differs"
+            raise CorruptCheckpointError(
+                f"{fpath}: the compressed bytes of tensor {name!r} of item {item!r} match their checksum but {why}; "
+                "the checkpoint was written wrong or crafted, restore from another checkpoint",
+                file=entry.file,
+                tensor=name,
+            )
+        return out
+
     def load_tensor(self, item: str, name: str) -> Any:
         """Read, verify and rebuild one tensor of ``item`` (a chunked one is assembled whole)."""
         if (item, name) in self.preloaded:
@@ -399,7 +535,7 @@ class CheckpointReader:
         if chunked is not None:
             return self._load_chunked(item, name, chunked)
         data = self.read_verified(item, name)
-        entry = self.entry(item, name)
+        entry = self.entry(item, name).decoded()
         codec = codec_for_lib(entry.lib) or NumpyCodec()
         try:
             return codec.from_bytes(data, entry.dtype, entry.shape, entry.meta)

@@ -32,7 +32,7 @@ from runstate._impl.restore_values import (
 )
 from runstate.errors import CheckpointError, StateMismatchError
 from runstate.format.tree import NamedTupleState, StatefulState, format_path
-from runstate.registry import Registration, registry
+from runstate.registry import Registration
 from runstate.stateful import is_stateful
 
 __all__ = ["RestorePlan", "restore_item"]
@@ -225,7 +225,7 @@ def _with_namedtuples(stored: StatefulState, obj: Any, path: tuple[Any, ...]) ->
 
 def _restore_object(template: Any, stored: StatefulState, path: tuple[Any, ...], plan: RestorePlan) -> Any:
     """A stored object's state: loaded into the live object, or its plain state replacing it."""
-    registered = registry.get(type(template))
+    registered = adapters.REGISTRATIONS.get(type(template))
     if registered is not None:
         _restore_registered(template, registered, stored, path, plan)
         return template

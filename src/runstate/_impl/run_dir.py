@@ -26,8 +26,11 @@ from runstate.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointReadError,
+    FormatVersionError,
     LockError,
+    UnsupportedTypeError,
 )
+from runstate.format.manifest import Manifest
 from runstate.storage import Store, open_store, step_dirname
 
 __all__ = ["RunDirectory", "as_step"]
@@ -145,6 +148,14 @@ class RunDirectory:
         with CheckpointReader(self.existing(step)) as reader:
             return reader.info()
 
+    def manifest(self, step: int) -> Manifest | None:
+        """The manifest of a committed step, or None when it cannot be read (any reason)."""
+        try:
+            with CheckpointReader(self.step_store(step)) as reader:
+                return reader.manifest
+        except CheckpointError:
+            return None
+
     def latest_step(self, *, verified: bool) -> int | None:
         """The newest committed step (with ``verified``, the newest whose every byte checks)."""
         steps = self.steps()
@@ -169,6 +180,10 @@ class RunDirectory:
         Raises:
             CheckpointReadError: the machine failed, not the checkpoint (open-file limit,
                 memory...), and the step is still committed.
+            FormatVersionError: the step was written by a newer runstate.
+            UnsupportedTypeError: reading it needs a package this machine lacks (zstandard).
+                Neither is damage: falling back to an older step (and a rollback setting the
+                newer ones aside) would lose training for a missing upgrade.
         """
         try:
             return verify_reader(CheckpointReader(self.step_store(step))).ok
@@ -176,5 +191,7 @@ class RunDirectory:
             if step in self.steps():
                 raise
             return False
+        except (FormatVersionError, UnsupportedTypeError):
+            raise
         except CheckpointError:
             return False

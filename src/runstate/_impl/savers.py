@@ -23,11 +23,13 @@ from typing import Any
 
 from runstate._impl.background import BackgroundSaver
 from runstate._impl.group import Group, SingleProcess
+from runstate._impl.incremental import Incremental
 from runstate._impl.pipeline import Captured, CheckpointInfo, capture, save_checkpoint
 from runstate._impl.reader import CheckpointReader
 from runstate._impl.snapshot import SnapshotPool
 from runstate._impl.verify import verify_reader
 from runstate.errors import CheckpointConfigError, CorruptCheckpointError
+from runstate.format.compress import Compression
 from runstate.storage import Staging, Store, step_dirname
 
 __all__ = ["AsyncSaver", "Saver", "SyncSaver", "make_saver"]
@@ -67,6 +69,8 @@ class Saver(abc.ABC):
         verify: bool,
         before_start: Callable[[], None],
         after_commit: Callable[[CheckpointInfo], None],
+        compression: Compression | None = None,
+        incremental: Incremental | None = None,
     ) -> None:
         """Save ``state`` as step ``step``.
 
@@ -78,13 +82,19 @@ class Saver(abc.ABC):
                 written (lock, leftovers, damaged step set aside); raising stops the save.
             after_commit: called on rank 0 once the checkpoint is committed (retention), in
                 the thread that committed it; it should log its own failures, not raise.
+            compression: how to compress the tensor files (None: as they are).
+            incremental: the run's dedup state (tensor files in the blob area), or None.
 
         Raises:
             AsyncSaveError: (async) the previous background save failed.
             CheckpointError: the save failed; nothing was committed.
         """
         self.wait()  # at most one save in flight; re-raises a failed background save
-        captured = capture(state, metrics, self._group, where=self._store.join(step_dirname(step)))
+        captured = capture(
+            state, metrics, self._group, where=self._store.join(step_dirname(step)),
+            compression=compression,
+            incremental=incremental,
+        )
         self._save(_Job(step, captured, verify, after_commit), before_start)
 
     @abc.abstractmethod

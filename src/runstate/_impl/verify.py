@@ -112,7 +112,7 @@ def verify_reader(reader: CheckpointReader) -> VerifyReport:
     checked = nbytes = 0
     with reader:
         bad_files: set[str] = set()
-        for fname in reader.manifest.files:
+        for fname in [*reader.manifest.files, *reader.manifest.blobs]:  # own files, then referenced blobs
             try:
                 reader.open_file(fname)
             except CorruptCheckpointError as exc:

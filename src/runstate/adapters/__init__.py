@@ -35,16 +35,20 @@ from runstate.adapters.base import (
 from runstate.errors import CheckpointConfigError, UnsupportedTypeError
 from runstate.format.tensors import TensorBlob, TensorCodec
 from runstate.format.tree import CoreObjects, ObjectCodec, StatefulState
+from runstate.registry import registry as default_registry
 
 if TYPE_CHECKING:
     from runstate._impl.group import Group
     from runstate._impl.reader import CheckpointReader
+    from runstate.registry import Registration
 
 __all__ = [
     "KNOWN_ADAPTERS",
+    "REGISTRATIONS",
     "Adapter",
     "AdapterSpec",
     "BlockPlacement",
+    "FrameworkRegistrations",
     "Unavailable",
     "active_adapters",
     "block_placement",
@@ -64,6 +68,7 @@ __all__ = [
     "preload_sharded",
     "prepare_loaders",
     "register_adapter",
+    "registration",
     "rng_states",
     "set_rng_state",
     "stateful_rule",
@@ -104,6 +109,7 @@ KNOWN_ADAPTERS: dict[str, AdapterSpec] = {
         install="jax",
     ),
     "keras": AdapterSpec("runstate.adapters.keras"),
+    "tensorflow": AdapterSpec("runstate.adapters.tensorflow", lib="tensorflow", install="tensorflow"),
 }
 
 _loaded: dict[str, Adapter] = {}
@@ -171,6 +177,14 @@ def item_extras(name: str, value: Any, state: Mapping[str, Any]) -> dict[str, An
     return extras
 
 
+def frozen_tensors(value: Any) -> frozenset[str]:
+    """Names of the tensors of an item that its framework says training leaves unchanged."""
+    found: frozenset[str] = frozenset()
+    for adapter in active_adapters():
+        found |= adapter.frozen_tensors(value)
+    return found
+
+
 def framework_versions() -> dict[str, str]:
     """The versions of the active frameworks recorded in a manifest (``{"torch": ...}``)."""
     versions: dict[str, str] = {}
@@ -216,6 +230,33 @@ def copy_bytes(dst: np.ndarray, src: memoryview) -> None:
 def is_sharded_blob(blob: TensorBlob) -> bool:
     """True for a blob that is one process's block of a sharded tensor (a DTensor)."""
     return block_placement(blob) is not None
+
+
+class FrameworkRegistrations:
+    """``runstate.registry`` first, then the imported frameworks' classes without ``state_dict``
+    (a ``tf.Variable``, ``tf.Module``): what the save and restore paths look classes up in."""
+
+    def get(self, type_: type, /) -> Registration | None:
+        """The registration of ``type_`` (the user's, else its framework adapter's), or None."""
+        found = default_registry.get(type_)
+        if found is None and type_.__module__ != "builtins":
+            found = registration(type_)
+        return found
+
+
+#: The lookup the save and restore paths use (stateless: it reads ``runstate.registry`` and the
+#: active adapters at each call).
+REGISTRATIONS = FrameworkRegistrations()
+
+
+def registration(cls: type) -> Registration | None:
+    """How an imported framework saves and restores instances of ``cls`` in place (a
+    ``tf.Module``), or None; consulted by :meth:`runstate.registry.Registry.get`."""
+    for adapter in active_adapters():
+        found = adapter.registration(cls)
+        if found is not None:
+            return found
+    return None
 
 
 def rng_states() -> dict[str, Any]:

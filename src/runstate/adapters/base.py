@@ -13,8 +13,9 @@ What an adapter can provide, by the moment the core asks:
   (:meth:`Adapter.object_codec`, e.g. a ``torch.Generator``), extra fields of an item
   (:meth:`Adapter.item_extras`), its version in the manifest (:meth:`Adapter.versions`),
   which values differ on every process (:meth:`Adapter.is_per_rank_value`), the process
-  group (:meth:`Adapter.default_group`), a fast host copy (:meth:`Adapter.copy_bytes`) and
-  its global random state for ``runstate.RNG`` (:meth:`Adapter.rng_state`);
+  group (:meth:`Adapter.default_group`), a fast host copy (:meth:`Adapter.copy_bytes`), its
+  global random state for ``runstate.RNG`` (:meth:`Adapter.rng_state`) and how its classes
+  without ``state_dict`` are saved and restored in place (:meth:`Adapter.registration`);
 * **loading**: rebuild tensors tagged with its ``lib`` (:meth:`Adapter.codec`), and objects of
   its ``object kinds`` (the registry imports the framework only when a checkpoint holds one);
 * **restoring**: how a stateful object of the framework is checked and loaded in place
@@ -43,6 +44,7 @@ from runstate.format.tree import ObjectCodec, StatefulState
 if TYPE_CHECKING:
     from runstate._impl.group import Group
     from runstate._impl.reader import CheckpointReader
+    from runstate.registry import Registration
 
 __all__ = [
     "Adapter",
@@ -163,6 +165,12 @@ class Adapter(Protocol):
         """Extra fields of item ``name``'s stored tree (e.g. an optimizer's parameter names)."""
         return {}
 
+    def frozen_tensors(self, value: Any) -> frozenset[str]:
+        """Names of the tensors of item ``value`` that training does not change (a model's
+        parameters with ``requires_grad=False``): incremental saves write them to a file of their
+        own and may skip hashing them while their version is unchanged."""
+        return frozenset()
+
     def versions(self) -> dict[str, str]:
         """Versions recorded in the manifest (``{"torch": "2.13.0"}``)."""
         return {}
@@ -179,6 +187,11 @@ class Adapter(Protocol):
     def copy_bytes(self, dst: np.ndarray, src: memoryview) -> bool:
         """Copy ``src`` into ``dst`` (same size) faster than NumPy; False when it does not."""
         return False
+
+    def registration(self, cls: type) -> Registration | None:
+        """How instances of ``cls``, a framework class without ``state_dict``, are saved and
+        restored in place (a ``tf.Variable``, ``tf.Module``), or None (see :mod:`runstate.registry`)."""
+        return None
 
     def rng_state(self) -> Any:
         """This framework's global random state, for :class:`runstate.RNG` (None: it has none)."""

@@ -22,9 +22,9 @@ import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from runstate import adapters
 from runstate.distributed import unwrap
 from runstate.errors import UnsupportedTypeError
-from runstate.registry import registry
 
 __all__ = ["GeneratorObjects", "prepare"]
 
@@ -70,7 +70,7 @@ def is_unresumable_iterator(value: Any) -> bool:
     return (
         isinstance(value, Iterator)
         and not callable(getattr(value, "state_dict", None))
-        and registry.get(type(value)) is None
+        and adapters.REGISTRATIONS.get(type(value)) is None
     )
 
 
@@ -134,13 +134,20 @@ def prepare(state: Mapping[str, Any], *, saving: bool, require_exact: bool = Fal
     torch_data: Any = None
     if sys.modules.get("torch") is not None:  # None: marked not installed
         from runstate.adapters import torch_data
+    tf_leaves: list[Any] | None = [] if sys.modules.get("tensorflow") is not None else None
     for key, item in state.items():
         for name, leaf in _walk(unwrap(item), f"state[{key!r}]"):
+            if tf_leaves is not None:
+                tf_leaves.append(leaf)
             if torch_data is not None and torch_data.handle(leaf, name, saving=saving, require_exact=require_exact):
                 continue
             if is_unresumable_iterator(leaf):
                 kind = "generator" if isinstance(leaf, types.GeneratorType) else f"{type(leaf).__qualname__} iterator"
                 flag(leaf, name, kind, saving=saving, require_exact=require_exact)
+    if tf_leaves is not None:  # tf.data iterators and the generators their maps draw from, read together
+        from runstate.adapters import tensorflow
+
+        tensorflow.prepare(tf_leaves, saving=saving)
 
 
 def _exhausted() -> Iterator[Any]:

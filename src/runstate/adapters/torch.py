@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,15 @@ def _cpu_bytes(t: torch.Tensor) -> memoryview:
     return data
 
 
+def _token(t: torch.Tensor) -> tuple[Any, Any] | None:
+    """Same storage object (held weakly) and same version counter: provably the same bytes,
+    unless written through ``.data`` (a separate counter): see docs/format.md section 15."""
+    if t.numel() == 0 or t.is_inference():  # an inference tensor has no version counter
+        return None
+    version = (t._version, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, str(t.device))
+    return (weakref.ref(t.untyped_storage()), version)
+
+
 class TorchCodec:
     """Codec for ``torch.Tensor`` (and ``nn.Parameter``) on any device."""
 
@@ -108,7 +118,7 @@ class TorchCodec:
                 t.is_conj(),
                 t.is_neg(),
             )
-        return TensorBlob(code, shape, nbytes, self.lib, lambda: _cpu_bytes(t), meta, identity)
+        return TensorBlob(code, shape, nbytes, self.lib, lambda: _cpu_bytes(t), meta, identity, token=lambda: _token(t))
 
     def from_bytes(self, data: np.ndarray, dtype: str, shape: tuple[int, ...], meta: dict[str, Any]) -> Any:
         if "lib_dtype" in meta:
@@ -249,6 +259,11 @@ class TorchAdapter(Adapter):
     def item_extras(self, name: str, value: Any, state: Mapping[str, Any]) -> dict[str, Any]:
         names = torch_optim.optimizer_param_names(value, state)
         return {} if names is None else {"param_names": names}  # a changed model keeps matching moments
+
+    def frozen_tensors(self, value: Any) -> frozenset[str]:
+        if not isinstance(value, torch.nn.Module):
+            return frozenset()
+        return frozenset(n for n, p in value.named_parameters(remove_duplicate=False) if not p.requires_grad)
 
     def versions(self) -> dict[str, str]:
         return {"torch": str(torch.__version__)}

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from runstate.adapters import find_codec, object_codecs
+from runstate.adapters import REGISTRATIONS, find_codec, object_codecs
 from runstate.adapters.torch import _CODE_TO_TORCH, is_dtensor
 from runstate.errors import CheckpointError, CorruptCheckpointError
 from runstate.format.tree import Encoder
@@ -41,7 +41,7 @@ __all__ = ["ChunkReader", "live_dtensors", "preload_sharded"]
 
 def live_dtensors(item: str, value: Any) -> dict[str, Any]:
     """The DTensors of a live item, by the tensor names its checkpoint uses."""
-    enc = Encoder(item, find_codec, object_codecs())
+    enc = Encoder(item, find_codec, object_codecs(), REGISTRATIONS)
     enc.encode(value)
     return {name: blob.source for name, blob in enc.blobs.items() if blob.source is not None}
 
@@ -73,7 +73,7 @@ class ChunkReader(StorageReader):
                 shape, code = chunked.shape, chunked.dtype
                 parts = [(offsets, part, entry.tensors[part].shape) for offsets, part in chunked.parts]
             else:
-                t = entry.tensors[name]
+                t = entry.tensors[name].decoded()
                 shape, code = t.shape, t.dtype
                 parts = [((0,) * len(shape), name, shape)]
             chunks = []
@@ -137,7 +137,7 @@ def preload_sharded(reader: Any, item: str, stored_item: str, value: Any, group:
         live_tensors = {}
     for name, live in live_tensors.items():
         chunked = entry.chunks.get(name)
-        stored = chunked if chunked is not None else entry.tensors.get(name)
+        stored = chunked if chunked is not None else entry.tensors[name].decoded() if name in entry.tensors else None
         if stored is None or tuple(stored.shape) != tuple(live.shape) or stored.dtype not in _CODE_TO_TORCH:
             continue
         targets[name] = torch.empty_like(live)
@@ -164,7 +164,7 @@ def _fresh_optimizer_targets(entry: Any, value: Any, taken: Mapping[str, Any]) -
         if m is None or name in taken or int(m.group(1)) >= len(params):
             continue
         param = params[int(m.group(1))]
-        stored = entry.chunks.get(name) or entry.tensors[name]
+        stored = entry.chunks.get(name) or entry.tensors[name].decoded()
         if is_dtensor(param) and tuple(stored.shape) == tuple(param.shape) and stored.dtype in _CODE_TO_TORCH:
             out[name] = torch.empty_like(param, dtype=_CODE_TO_TORCH[stored.dtype])
     return out

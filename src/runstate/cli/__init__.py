@@ -39,6 +39,7 @@ COMMAND_MODULES = (
     "runstate.cli.export",
     "runstate.cli.import_pt",
     "runstate.cli.gc",
+    "runstate.cli.copy",
 )
 
 #: Exit code of an unexpected error (a bug in runstate, or e.g. MemoryError): one line, no traceback.
@@ -48,7 +49,7 @@ _DEBUG_HELP = "on an unexpected error, print the Python traceback too"
 
 #: The arguments that are paths: ``~`` is expanded as a shell would, also where no shell did it
 #: (a quoted ``"~/runs/exp"``, ``-o=~/ckpt``), as ``runstate.save`` and ``CheckpointManager`` do.
-_PATH_ARGS = ("dir", "ckpt", "path", "a", "b", "file", "output")
+_PATH_ARGS = ("dir", "ckpt", "path", "a", "b", "file", "output", "dest")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,9 @@ them while holding the run's writer lock, so it never touches a save in progress
 when a live process writes to DIR). Committed checkpoints are never removed, nor are
 damaged ones moved aside as ``step-N.corrupt-T`` (kept for inspection). The checkpoints of
 a branch abandoned by a rollback (``step-N.abandoned-*``) are removed only with ``--abandoned``.
+In an incremental run, the files of the ``blobs/`` folder that no checkpoint refers to any more
+are removed too (never one a checkpoint, damaged or abandoned ones included, refers to; nothing
+at all while a manifest cannot be read).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import runstate
 from runstate.cli._commands import add_command, add_json_option
 from runstate.cli._output import echo, guarded, human_bytes, print_json
 from runstate.cli._paths import check_run_directory
-from runstate.storage import ABANDONED, INTERRUPTED_DELETION, INTERRUPTED_SAVE, open_store
+from runstate.storage import ABANDONED, BLOBS_DIR, INTERRUPTED_DELETION, INTERRUPTED_SAVE, open_store
 
 __all__ = ["register"]
 
@@ -27,18 +30,20 @@ def _gc(args: argparse.Namespace) -> int:
     error = check_run_directory("gc", directory)
     if error is not None:
         return error
+    store = open_store(directory)
     with runstate.CheckpointManager(directory, read_only=True) as peek:  # takes no lock, writes nothing
-        not_a_run = not peek.steps() and not peek.leftovers() and not peek.abandoned()
+        not_a_run = not peek.steps() and not peek.leftovers() and not peek.abandoned() and not store.list_blobs()
     if not_a_run:  # nothing to remove, and no .lock left behind (runstate gc ~ by mistake)
         if args.json:
             print_json({"directory": directory, "dry_run": args.dry_run, "removed": [], "nbytes": 0})
         else:
             echo(f"no leftovers in {directory}")
         return 0
-    store = open_store(directory)
     kinds = {INTERRUPTED_SAVE, INTERRUPTED_DELETION} | ({ABANDONED} if args.abandoned else set())
     with runstate.CheckpointManager(directory) as mgr:  # holds the writer lock: what is listed stays a leftover
         sizes = {e.location: store.size(e.name) for e in store.list_extras() if e.kind in kinds}
+        blobs = store.child(BLOBS_DIR)
+        sizes.update({blobs.join(name): n for name, n in store.list_blobs().items()})
         removed = mgr.clean(dry_run=args.dry_run, abandoned=args.abandoned)
     freed = sum(sizes.get(path, 0) for path in removed)
     if args.json:

@@ -1,4 +1,4 @@
-"""``runstate import FILE.pt -o CKPT``: convert a ``torch.save`` checkpoint, safely.
+"""``runstate import FILE.pt -o CKPT``: convert a ``torch.save`` or TensorFlow checkpoint, safely.
 
 FILE.pt is read with ``torch.load(weights_only=True)``: only tensors and plain containers
 (dict, list, tuple, numbers, strings) are accepted, so a pickle that needs arbitrary code is
@@ -11,6 +11,13 @@ into live modules, optimizers and schedulers (``load_state_dict``). The step rec
 ``iter_num`` and ``iteration`` entries, else its ``epoch``, else none; the output line says
 which. A CKPT named like a run's checkpoint (``runs/exp/step-1200``) is written under the name
 the run reads (``runs/exp/step-000000001200``) and records that step.
+
+A TensorFlow checkpoint (a prefix such as ``ckpts/ckpt-5``, its ``.index`` or ``.data-*`` file,
+or a ``tf.train.CheckpointManager`` directory, whose latest checkpoint is read) is read with
+``tf.train.load_checkpoint``, values only; each key becomes a nested entry without its
+``/.ATTRIBUTES/VARIABLE_VALUE`` suffix (``optimizer/_iterations`` is
+``state["optimizer"]["_iterations"]``), strings become bytes, and TensorFlow's object graph and
+a tf.data iterator's variant state are skipped with a note (see ``runstate.cli.import_tf``).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import runstate
+from runstate.cli import import_tf
 from runstate.cli._commands import add_command
 from runstate.cli._output import echo, fail, guarded, human_bytes
 from runstate.storage import LocalStore, local_path, split_path
@@ -68,12 +76,17 @@ def _refusal(src: str, exc: pickle.UnpicklingError) -> str:
 
 
 def _counter(value: Any) -> int | None:
-    """``value`` as a step counter: a non-negative int, or a 0-d integer tensor holding one."""
+    """``value`` as a step counter: a non-negative int, or a 0-d integer tensor or array holding one."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             return None
         value = int(value.item())
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.ndarray):  # a TensorFlow checkpoint's int64 step
+        if value.ndim != 0 or value.dtype.kind not in "iu":
+            return None
+        value = int(value)
     return value if type(value) is int and value >= 0 else None
 
 
@@ -103,10 +116,15 @@ def _import(args: argparse.Namespace) -> int:
     src: str = local_path(args.file)  # ~ expanded also where no shell did it (-o=~/ckpt, quoted)
     out: str = local_path(args.output)
     kind = LocalStore(src).kind()
-    if kind is None:
+    tf_location = import_tf.find(src)
+    if tf_location is None and kind is None:
         return fail("import", f"no such file: {src}")
-    if kind != "file":
-        return fail("import", f"{src} is not a file; give the file torch.save wrote")
+    if tf_location is None and kind != "file":
+        return fail(
+            "import",
+            f"{src} is not a file; give the file torch.save wrote, or a TensorFlow checkpoint "
+            "(a prefix such as ckpts/ckpt-5, or the directory holding its 'checkpoint' file)",
+        )
     if args.step is not None and args.step < 0:
         return fail("import", f"--step must be >= 0, got {args.step}")
     named = _run_checkpoint(out)
@@ -120,6 +138,16 @@ def _import(args: argparse.Namespace) -> int:
         out = named[0]
     if LocalStore(out).exists():
         return fail("import", f"{out} already exists; choose a new checkpoint directory")
+    if tf_location is not None:
+        try:
+            tf_checkpoint = import_tf.read(tf_location)
+        except ImportError as exc:
+            if not (exc.name or "").startswith("tensorflow"):
+                raise
+            return fail("import", "reading a TensorFlow checkpoint needs tensorflow (pip install tensorflow-cpu)")
+        for note in tf_checkpoint.notes:
+            echo(f"note: {note}")
+        return _write(args, tf_checkpoint.prefix, out, named, tf_checkpoint.state)
     if importlib.util.find_spec("torch") is None:
         return fail("import", "reading a .pt file needs torch (pip install torch)")
     import torch
@@ -146,12 +174,24 @@ def _import(args: argparse.Namespace) -> int:
     state: dict[str, Any] = dict(obj)
     if state and all(isinstance(v, torch.Tensor) for v in state.values()):
         state = {"model": obj}
+    return _write(args, src, out, named, state, obj)
+
+
+def _write(
+    args: argparse.Namespace,
+    src: str,
+    out: str,
+    named: tuple[str, int] | None,
+    state: dict[str, Any],
+    counters: Mapping[str, Any] | None = None,
+) -> int:
+    """Save the converted ``state`` at ``out`` with its step, and print the one-line summary."""
     if args.step is not None:
         step, source = args.step, "from --step"
     elif named is not None:
         step, source = named[1], f"from the output name {split_path(args.output)[1]}"
     else:
-        step, source = _step(obj)
+        step, source = _step(state if counters is None else counters)
     info = runstate.save(out, state, step=step)  # a dict restores into a live object's load_state_dict
     names = f"{len(state)} item{'s' if len(state) != 1 else ''} ({', '.join(state)})"
     at = "no step" if step is None else f"step {step}"
@@ -165,10 +205,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         sub,
         "import",
         _import,
-        help="convert a torch.save checkpoint (.pt) into a runstate checkpoint, never running its code",
+        help="convert a torch.save (.pt) or TensorFlow checkpoint into a runstate checkpoint, never running its code",
         doc=__doc__,
     )
-    p.add_argument("file", metavar="FILE.pt", help="a file written by torch.save")
+    p.add_argument(
+        "file",
+        metavar="FILE.pt",
+        help="a file written by torch.save, or a TensorFlow checkpoint: its prefix (ckpts/ckpt-5), "
+        "or the directory of a tf.train.CheckpointManager (its latest checkpoint)",
+    )
     p.add_argument("-o", "--output", required=True, metavar="CKPT", help="the checkpoint directory to create")
     p.add_argument(
         "--step",

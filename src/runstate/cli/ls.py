@@ -7,7 +7,9 @@ manager moved aside (``step-N.corrupt-T``); temporaries of interrupted saves and
 are marked ``leftover`` (``runstate gc`` removes them). The ``checked`` column says what was
 checked of each committed step: ``not verified`` (its manifest only), or ``verified`` with
 ``--verify`` (every byte, as ``runstate verify``: a damaged step then shows as ``corrupt``).
-Checkpoints of a branch abandoned by a rollback are marked ``abandoned``.
+Checkpoints of a branch abandoned by a rollback are marked ``abandoned``. In an incremental
+run (``CheckpointManager(incremental=True)``), ``size`` is what the checkpoint reads and
+``referenced`` the part of it that earlier checkpoints wrote (it wrote the rest itself).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Entry:
     status: str
     created: str | None = None
     nbytes: int = 0
+    referenced_nbytes: int = 0  # of nbytes, the bytes of blobs an earlier checkpoint wrote
     metrics: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
     checked: str = ""  # committed steps: "not verified" (manifest read) or "verified" (every byte, --verify)
@@ -93,7 +96,7 @@ def _committed(store: Store, step: int, path: str) -> Entry:
     except runstate.CheckpointError as exc:
         reason = _short_reason(exc, path)
         return Entry(step, path, "corrupt", _mtime(store, name), store.size(name), reason=reason)
-    return Entry(step, path, "ok", contents.created, contents.nbytes, contents.metrics)
+    return Entry(step, path, "ok", contents.created, contents.nbytes, contents.referenced_nbytes, contents.metrics)
 
 
 def _extra(store: Store, extra: Extra) -> Entry:
@@ -152,18 +155,21 @@ def _ls(args: argparse.Namespace) -> int:
     if not entries:
         echo(f"no checkpoints in {directory}")
         return 0
+    incremental = any(e.referenced_nbytes for e in entries)
     rows = [
         [
             "?" if e.step is None else str(e.step),
             format_time(e.created) if e.created else "",
             human_bytes(e.nbytes),
+            *([human_bytes(e.referenced_nbytes)] if incremental else []),
             "  ".join(f"{k}={format_value(v)}" for k, v in e.metrics.items()),
             e.checked,
             _status_cell(e),
         ]
         for e in entries
     ]
-    print_table(["step", "created (UTC)", "size", "metrics", "checked", "status"], rows, right=(0, 2))
+    header = ["step", "created (UTC)", "size", *(["referenced"] if incremental else []), "metrics", "checked", "status"]
+    print_table(header, rows, right=(0, 2, 3) if incremental else (0, 2))
     ok = [e for e in entries if e.status == "ok"]
     counts = [f"{len(ok)} checkpoint{'s' if len(ok) != 1 else ''}"]
     if ok:

@@ -19,26 +19,49 @@ import numpy as np
 import xxhash
 
 from runstate.errors import CorruptCheckpointError, FormatVersionError
+from runstate.format.compress import Packing
 from runstate.format.depth import stack_room
 from runstate.format.tensors import DTYPE_SIZES
 from runstate.format.tree import RESERVED_TENSOR_NAMES
 
 __all__ = [
+    "BLOBS_FEATURE",
+    "FEATURES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "ZSTD_FEATURE",
     "ChunkedTensor",
     "ItemEntry",
     "Manifest",
     "RankInfo",
     "TensorEntry",
     "item_from_json",
+    "manifest_version",
     "per_rank_name",
 ]
 
 FORMAT_NAME = "runstate"
-FORMAT_VERSION = 1
+#: The highest format version this runstate reads (and writes, when a feature needs it).
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+
+#: Feature name of references to tensor files in the run's ``blobs/`` area (incremental checkpoints).
+BLOBS_FEATURE = "blobs"
+#: Feature name of zstd-compressed tensors (an index entry with a ``compression`` object).
+ZSTD_FEATURE = "zstd"
+#: Every ``requires`` entry this runstate reads (docs/format.md section 11).
+FEATURES = frozenset({BLOBS_FEATURE, ZSTD_FEATURE})
+
+
+def manifest_version(requires: set[str] | frozenset[str] | tuple[str, ...]) -> int:
+    """The ``format_version`` a manifest gets: 1 when it uses no feature of version 2, else 2.
+
+    A checkpoint that needs nothing new is written exactly as before (version 1), so every
+    runstate reads it; one that does says so (version 2 and its ``requires`` list), so that
+    an older runstate refuses it before misreading it.
+    """
+    return 2 if requires else 1
 
 _ENTRY_FIELDS = ("file", "dtype", "shape", "data_offsets", "xxh3", "lib")
 
@@ -93,9 +116,28 @@ class TensorEntry:
             raise ValueError(f"data_offsets {[begin, end]} do not fit shape {list(entry.shape)} of {entry.dtype}")
         if not _is_plain_file_name(entry.file):
             raise ValueError(f"file name {entry.file!r} is not a plain .safetensors name inside the checkpoint")
+        view = entry
+        if "compression" in meta:  # stored as U8 [stored nbytes]; the object describes the decoded tensor
+            if entry.dtype != "U8" or entry.shape != (entry.end - entry.begin,):
+                raise ValueError(f"a compressed tensor is stored as U8 [nbytes], not {entry.dtype} {list(entry.shape)}")
+            Packing.from_json(meta["compression"], entry.end - entry.begin)
+            view = entry.decoded()
         if "lib_dtype" in meta or "lib_shape" in meta:
-            _check_raw_bytes(entry)
+            _check_raw_bytes(view)
         return entry
+
+    def decoded(self) -> TensorEntry:
+        """This entry as its decoded bytes: itself, unless compressed (docs/format.md, "Compression").
+
+        For a compressed tensor: the decoded ``dtype``, ``shape`` and ``xxh3``, with offsets
+        ``[0, nbytes)`` of the decoded bytes, and ``meta`` without ``compression``.
+        """
+        packed = self.meta.get("compression")
+        if packed is None:
+            return self
+        meta = {k: v for k, v in self.meta.items() if k != "compression"}
+        shape = tuple(packed["shape"])
+        return TensorEntry(self.file, packed["dtype"], shape, 0, packed["nbytes"], packed["xxh3"], self.lib, meta)
 
 
 @dataclass(frozen=True)
@@ -150,6 +192,8 @@ class ChunkedTensor:
             entry = tensors.get(name)
             if entry is None:
                 raise ValueError(f"part {name!r} is not in the tensor index")
+            if "compression" in entry.meta:
+                raise ValueError(f"part {name!r} is compressed; blocks of sharded tensors are stored as they are")
             if entry.dtype != chunked.dtype or len(entry.shape) != len(shape) or len(offsets) != len(shape):
                 raise ValueError(f"part {name!r} does not have the dtype and rank of its tensor")
             if any(o + s > d for o, s, d in zip(offsets, entry.shape, shape, strict=True)):
@@ -232,19 +276,34 @@ class Manifest:
     versions: dict[str, str]
     items: dict[str, ItemEntry]
     files: dict[str, int]
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
     ranks: RankInfo | None = None
+    #: Tensor files in the run's ``blobs/`` area that this checkpoint refers to, with their sizes.
+    blobs: dict[str, int] = field(default_factory=dict)
+    #: The blobs this checkpoint wrote itself (the others were written by an earlier checkpoint).
+    own_blobs: frozenset[str] = frozenset()
+    #: Features needed to read it, besides :data:`BLOBS_FEATURE` (implied by ``blobs``).
+    requires: tuple[str, ...] = ()
 
     @property
     def nbytes(self) -> int:
-        """Total size of the tensor files in bytes."""
-        return sum(self.files.values())
+        """Total size of the tensor files in bytes (the checkpoint's own and the referenced blobs)."""
+        return sum(self.files.values()) + sum(self.blobs.values())
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The sorted ``requires`` list written into the manifest (empty for a version-1 checkpoint)."""
+        compressed = any("compression" in e.meta for it in self.items.values() for e in it.tensors.values())
+        implied = ({BLOBS_FEATURE} if self.blobs else set()) | ({ZSTD_FEATURE} if compressed else set())
+        return tuple(sorted(set(self.requires) | implied))
 
     def to_json_bytes(self) -> bytes:
         """Serialize, adding the checksum of the canonical form."""
-        body: dict[str, Any] = {
-            "format": FORMAT_NAME,
-            "format_version": self.format_version,
+        requires = self.features
+        body: dict[str, Any] = {"format": FORMAT_NAME, "format_version": manifest_version(requires)}
+        if requires:
+            body["requires"] = list(requires)
+        body |= {
             "step": self.step,
             "created": self.created,
             "metrics": self.metrics,
@@ -259,6 +318,11 @@ class Manifest:
             },
             "files": {name: {"nbytes": n} for name, n in self.files.items()},
         }
+        if self.blobs:
+            body["blobs"] = {
+                name: {"nbytes": n, **({"own": True} if name in self.own_blobs else {})}
+                for name, n in self.blobs.items()
+            }
         if self.ranks is not None:
             body["ranks"] = self.ranks.to_json()
         with stack_room():  # the typed trees nest up to MAX_TREE_DEPTH levels, json recurses
@@ -290,7 +354,12 @@ class Manifest:
                 except (KeyError, TypeError, ValueError) as exc:
                     raise ValueError(f"item {str(name)[:200]!r}: {exc}") from exc
             ranks = _ranks_from_json(body["ranks"], items) if "ranks" in body else None
-            files = _files_from_json(body["files"], items)
+            blobs, own = _blobs_from_json(body.get("blobs", {}), body.get("requires", []))
+            if ZSTD_FEATURE not in body.get("requires", []) and any(
+                "compression" in e.meta for it in items.values() for e in it.tensors.values()
+            ):
+                raise ValueError(f'a tensor is compressed but "requires" does not name {ZSTD_FEATURE!r}')
+            files = _files_from_json(body["files"], items, blobs)
             metrics = body["metrics"]
             if not isinstance(metrics, dict):
                 raise TypeError("metrics is not an object")
@@ -303,6 +372,9 @@ class Manifest:
                 files=files,
                 format_version=body["format_version"],
                 ranks=ranks,
+                blobs=blobs,
+                own_blobs=own,
+                requires=tuple(r for r in body.get("requires", []) if r != BLOBS_FEATURE),
             )
         except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
             raise CorruptCheckpointError(f"{path}: malformed manifest field ({exc!r})", file=MANIFEST_NAME) from exc
@@ -333,6 +405,15 @@ def _checked_body(raw: bytes, path: str) -> dict[str, Any]:
             f"{path}: written with format version {version}, but this runstate reads up to "
             f"version {FORMAT_VERSION}; upgrade runstate (pip install -U runstate)"
         )
+    requires = body.get("requires", [])
+    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
+        raise CorruptCheckpointError(f"{path}: requires is not a list of feature names", file=MANIFEST_NAME)
+    unknown = sorted(set(requires) - FEATURES)
+    if unknown:
+        raise FormatVersionError(
+            f"{path}: needs the format feature(s) {unknown}, which this runstate does not know; "
+            "upgrade runstate (pip install -U runstate)"
+        )
     stored = body.pop("checksum", None)
     try:
         computed = _canonical_checksum(body)
@@ -359,17 +440,34 @@ def _ranks_from_json(field_value: Any, items: dict[str, ItemEntry]) -> RankInfo:
     return ranks
 
 
-def _files_from_json(field_value: Any, items: dict[str, ItemEntry]) -> dict[str, int]:
-    """The ``files`` field: plain file names inside the checkpoint, naming every tensor's file."""
+def _blobs_from_json(field_value: Any, requires: list[str]) -> tuple[dict[str, int], frozenset[str]]:
+    """The ``blobs`` field (files in the run's ``blobs/`` area) and the names marked ``own``."""
+    if not isinstance(field_value, dict):
+        raise TypeError("blobs is not an object")
+    blobs = {_str(k): _count(v["nbytes"]) for k, v in field_value.items()}
+    own = frozenset(_str(k) for k, v in field_value.items() if v.get("own", False) is True)
+    if blobs and BLOBS_FEATURE not in requires:
+        raise ValueError(f'blobs are listed but "requires" does not name {BLOBS_FEATURE!r}')
+    for name in blobs:
+        if not _is_plain_file_name(name):
+            raise ValueError(f"blob name {name!r} is not a plain .safetensors name inside the blobs area")
+    return blobs, own
+
+
+def _files_from_json(field_value: Any, items: dict[str, ItemEntry], blobs: dict[str, int]) -> dict[str, int]:
+    """The ``files`` field: plain file names inside the checkpoint, naming every tensor's file
+    (or the ``blobs`` table does: a name is in one of them, never both)."""
     files = {_str(k): _count(v["nbytes"]) for k, v in field_value.items()}
     for name in files:
         if not _is_plain_file_name(name):
             raise ValueError(f"file name {name!r} is not a plain .safetensors name inside the checkpoint")
+        if name in blobs:
+            raise ValueError(f"{name!r} is listed both in files and in blobs")
     for item_name, item_entry in items.items():
         if not isinstance(item_entry.tree, dict):
             raise TypeError(f"item {item_name!r}: tree is not an object")
         for tname, entry in item_entry.tensors.items():
-            if entry.file not in files:
+            if entry.file not in files and entry.file not in blobs:
                 raise ValueError(f"tensor {tname!r} of item {item_name!r} is in unlisted file {entry.file!r}")
     return files
 

@@ -10,8 +10,10 @@ the way out and checked on the way in.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
@@ -19,7 +21,8 @@ import numpy as np
 import xxhash
 
 from runstate.errors import CorruptCheckpointError
-from runstate.format.tensors import TensorBlob
+from runstate.format.compress import Compression, Packing, compress_tensor
+from runstate.format.tensors import DTYPE_SIZES, TensorBlob
 
 __all__ = [
     "WrittenTensor",
@@ -39,12 +42,16 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 class WrittenTensor:
-    """Where a tensor landed in its file and the checksum of its bytes."""
+    """Where a tensor landed in its file and the checksum of its (stored) bytes.
 
-    __slots__ = ("begin", "end", "xxh3")
+    ``packing`` is set for a compressed tensor: it is then stored as ``U8`` of shape
+    ``[end - begin]`` and ``packing`` describes the decoded tensor.
+    """
 
-    def __init__(self, begin: int, end: int, xxh3: str) -> None:
-        self.begin, self.end, self.xxh3 = begin, end, xxh3
+    __slots__ = ("begin", "end", "packing", "xxh3")
+
+    def __init__(self, begin: int, end: int, xxh3: str, packing: Packing | None = None) -> None:
+        self.begin, self.end, self.xxh3, self.packing = begin, end, xxh3, packing
 
 
 def checksum(data: Any) -> str:
@@ -100,7 +107,12 @@ def _fileno(f: IO[bytes]) -> int | None:
 
 
 def write_safetensors(
-    f: IO[bytes], tensors: Sequence[tuple[str, TensorBlob]], metadata: dict[str, str]
+    f: IO[bytes],
+    tensors: Sequence[tuple[str, TensorBlob]],
+    metadata: dict[str, str],
+    *,
+    compression: Compression | None = None,
+    plain: frozenset[str] = frozenset(),
 ) -> tuple[int, dict[str, WrittenTensor]]:
     """Write ``tensors`` as a safetensors file to the binary file ``f``, from its start.
 
@@ -108,9 +120,21 @@ def write_safetensors(
     file (one with a ``fileno``), the kernel is asked every 8 MiB to
     start writing the pages already written, so the caller's final fsync waits less.
 
+    Args:
+        f: the new file.
+        tensors: name and blob of each tensor, in file order.
+        metadata: the header's ``__metadata__``.
+        compression: compress tensors of at least ``compression.min_bytes`` (see
+            :func:`write_compressed`); None writes every tensor as it is.
+        plain: names never compressed (blocks of sharded tensors).
+
     Returns:
         The file size and, per tensor name, its data offsets and checksum.
     """
+    if compression is not None:
+        packed = {n for n, b in tensors if b.nbytes >= compression.min_bytes and n not in plain}
+        if packed:
+            return write_compressed(f, tensors, metadata, compression, frozenset(packed))
     header = header_bytes(_in_file_order(tensors), metadata)
     written: dict[str, WrittenTensor] = {}
     fd = _fileno(f)
@@ -134,6 +158,119 @@ def write_safetensors(
         written[name] = WrittenTensor(offset, offset + blob.nbytes, digest)
         offset += blob.nbytes
     return 8 + len(header) + offset, written
+
+
+class _Sink:
+    """Writes whole buffers to ``f`` from ``position``, starting the kernel's writeback as it goes."""
+
+    def __init__(self, f: IO[bytes], position: int, *, writeback: bool = True) -> None:
+        # no fileno() on a spool: asking for it moves a SpooledTemporaryFile to disk
+        self.f, self.fd = f, _fileno(f) if writeback else None
+        self.position = self.flushed = position
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            n = self.f.write(view) or 0
+            view = view[n:]
+            self.position += n
+            if self.fd is not None and self.position - self.flushed >= _WRITEBACK_EVERY:
+                _start_writeback(self.fd, self.flushed, self.position - self.flushed)
+                self.flushed = self.position
+
+
+def _seekable(f: IO[bytes]) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def write_compressed(
+    f: IO[bytes],
+    tensors: Sequence[tuple[str, TensorBlob]],
+    metadata: dict[str, str],
+    compression: Compression,
+    packed: frozenset[str],
+) -> tuple[int, dict[str, WrittenTensor]]:
+    """Write a safetensors file in which the tensors named in ``packed`` are zstd-compressed.
+
+    The header must come first but the compressed sizes are known only once written. On a
+    seekable file, room is reserved for the header computed with every compressed tensor at
+    its largest possible size (its raw size: a piece that does not shrink is stored as is);
+    the data is written after it in one pass, then the real header
+    is written at the start, padded with spaces to the reserved room (a few bytes per tensor;
+    a JSON parser ignores them, and docs/format.md allows them in such a file). On a file that
+    cannot seek (an object-store upload), the data section goes through a temporary spool
+    (in memory up to 64 MiB, then on disk) and the exact header is written first.
+    """
+    sizes = [
+        (n, "U8", (b.nbytes,)) if n in packed else (n, b.dtype, b.shape)  # a compressed tensor never grows
+        for n, b in tensors
+    ]
+    if _seekable(f):
+        room = len(header_bytes(_offsets(sizes), metadata))
+        f.seek(8 + room)
+        offset, written, stored = _write_data(_Sink(f, 8 + room), tensors, compression, packed)
+        header = header_bytes(_offsets(stored), metadata)
+        if len(header) > room:  # cannot happen: every stored size is at most its raw size
+            raise RuntimeError(f"compressed header needs {len(header)} bytes, {room} were reserved")
+        header += b" " * (room - len(header))
+        f.seek(0)
+        _Sink(f, 0).write(struct.pack("<Q", len(header)) + header)
+        f.seek(8 + room + offset)
+        return 8 + room + offset, written
+    with tempfile.SpooledTemporaryFile(max_size=_CHUNK) as spool:
+        offset, written, stored = _write_data(_Sink(spool, 0, writeback=False), tensors, compression, packed)
+        header = header_bytes(_offsets(stored), metadata)
+        out = _Sink(f, 0)
+        out.write(struct.pack("<Q", len(header)) + header)
+        spool.seek(0)
+        while piece := spool.read(_READ_CHUNK):
+            out.write(piece)
+    return 8 + len(header) + offset, written
+
+
+def _write_data(
+    sink: _Sink, tensors: Sequence[tuple[str, TensorBlob]], compression: Compression, packed: frozenset[str]
+) -> tuple[int, dict[str, WrittenTensor], list[tuple[str, str, Sequence[int]]]]:
+    """Write the data section; return its size, where each tensor landed and its stored dtype and shape."""
+    written: dict[str, WrittenTensor] = {}
+    stored: list[tuple[str, str, Sequence[int]]] = []
+    offset = 0
+    for name, blob in tensors:
+        data = blob.read()
+        if data.nbytes != blob.nbytes:
+            raise RuntimeError(f"tensor {name!r} produced {data.nbytes} bytes, expected {blob.nbytes}")
+        begin = sink.position
+        if name in packed:
+            hasher = xxhash.xxh3_64()
+
+            def emit(piece: Any, hasher: Any = hasher) -> None:
+                hasher.update(piece)
+                sink.write(piece)
+
+            packing = compress_tensor(np.frombuffer(data, np.uint8), blob.dtype, blob.shape, compression, emit)
+            n = sink.position - begin
+            written[name] = WrittenTensor(offset, offset + n, hasher.hexdigest(), packing)
+            stored.append((name, "U8", (n,)))
+        else:
+            digest = checksum(data)
+            for start in range(0, data.nbytes, _CHUNK):
+                sink.write(data[start : start + _CHUNK])
+            n = blob.nbytes
+            written[name] = WrittenTensor(offset, offset + n, digest)
+            stored.append((name, blob.dtype, blob.shape))
+        offset += n
+    return offset, written, stored
+
+
+def _offsets(tensors: Sequence[tuple[str, str, Sequence[int]]]) -> Iterable[tuple[str, str, Sequence[int], int, int]]:
+    offset = 0
+    for name, dtype, shape in tensors:
+        n = DTYPE_SIZES[dtype] * math.prod(shape)
+        yield name, dtype, shape, offset, offset + n
+        offset += n
 
 
 def read_header(f: IO[bytes], path: str, size: int | None = None) -> tuple[dict[str, Any], int, bytes]:

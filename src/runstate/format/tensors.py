@@ -127,6 +127,10 @@ class TensorBlob:
         read: returns the contiguous little-endian bytes; called once, at write time.
         meta: extra fields for the manifest's tensor index (``device``, ``lib_dtype``...).
         identity: equal for two values that are the same tensor (tied weights); stored once.
+        token: called (only by incremental saves, when the state is captured), returns
+            ``(weak reference to the value's memory, version)`` when the framework can tell
+            that the bytes did not change since another blob of the same memory was made (the
+            reference is alive and the same object, and the versions are equal), else None.
         source: the live value, kept only where a writer needs more than its bytes (a
             sharded tensor's placement); None otherwise.
     """
@@ -139,6 +143,7 @@ class TensorBlob:
     meta: dict[str, Any] = field(default_factory=dict)
     identity: Hashable | None = None
     source: Any = None
+    token: Callable[[], tuple[Callable[[], Any], Hashable] | None] | None = None
 
 
 class TensorCodec(Protocol):

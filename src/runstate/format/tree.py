@@ -22,7 +22,7 @@ import numpy as np
 from runstate.errors import CorruptCheckpointError, UnsupportedTypeError
 from runstate.format.depth import MAX_TREE_DEPTH, stack_room
 from runstate.format.tensors import TensorBlob, TensorCodec
-from runstate.registry import Registration, Registry
+from runstate.registry import Registration, Registrations
 from runstate.registry import registry as default_registry
 from runstate.stateful import is_stateful
 
@@ -155,11 +155,12 @@ class Encoder:
         item: the top-level key; used for error paths and as the name of a bare tensor.
         find_codec: returns the codec for a tensor value, or None when it is not a tensor.
         objects: codecs for stateful objects without ``state_dict``.
-        registry: classes registered with ``runstate.register``; ``runstate.registry`` when None.
+        registry: how registered classes are saved (``runstate.registry`` when None; the save
+            pipeline passes one that also asks the imported frameworks' adapters).
     """
 
     def __init__(
-        self, item: str, find_codec: CodecFinder, objects: list[ObjectCodec], registry: Registry | None = None
+        self, item: str, find_codec: CodecFinder, objects: list[ObjectCodec], registry: Registrations | None = None
     ) -> None:
         self.item = item
         self.blobs: dict[str, TensorBlob] = {}

@@ -62,7 +62,7 @@ HOOKED = (
     "_load_rng_state",
     "_load_callback_state",
 )
-TESTED = "5.23"
+TESTED = "5.24"
 
 
 class TrainerLoader(StatefulDataLoader):  # type: ignore[misc]

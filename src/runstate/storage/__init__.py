@@ -24,9 +24,11 @@ from runstate.storage._rundir import list_committed, remove_leftovers
 from runstate.storage._swap import remove_entry, remove_leftovers_beside, replace_directory
 from runstate.storage.base import (
     ABANDONED,
+    BLOBS_DIR,
     DAMAGED,
     INTERRUPTED_DELETION,
     INTERRUPTED_SAVE,
+    LOCK_NAME,
     MISNAMED,
     AttachedStaging,
     BegunStaging,
@@ -41,9 +43,11 @@ from runstate.storage.local import LocalStore, RunLock, commit_directory, local_
 
 __all__ = [
     "ABANDONED",
+    "BLOBS_DIR",
     "DAMAGED",
     "INTERRUPTED_DELETION",
     "INTERRUPTED_SAVE",
+    "LOCK_NAME",
     "MISNAMED",
     "AttachedStaging",
     "BegunStaging",

@@ -38,6 +38,7 @@ from runstate.errors import CheckpointError, CheckpointWriteError
 
 __all__ = [
     "ABANDONED",
+    "BLOBS_DIR",
     "DAMAGED",
     "INTERRUPTED_DELETION",
     "INTERRUPTED_SAVE",
@@ -60,6 +61,10 @@ __all__ = [
 STEP_RE = re.compile(r"^step-([0-9]{12}|[1-9][0-9]{12,})\Z")
 #: The writer lock of a run directory.
 LOCK_NAME = ".lock"
+#: The folder of a run that holds the tensor files of incremental checkpoints (docs/format.md
+#: section 15): written before the checkpoints that refer to them are committed, removed only
+#: once no checkpoint refers to them.
+BLOBS_DIR = "blobs"
 
 #: Kinds of :class:`Extra`: the remains of a save or a deletion that was interrupted (never
 #: committed; the next writer removes them).
@@ -426,3 +431,38 @@ class Store(abc.ABC):
     def list_names(self) -> list[str]:
         """The names of the entries directly under the root (empty when it does not exist)."""
         raise NotImplementedError(f"{type(self).__name__} cannot list its entries")
+
+    # -- the blob area of a run (incremental checkpoints) ---------------------------------------
+    def sibling(self, name: str) -> Store:
+        """A store rooted at ``name`` in the same parent as this one (a checkpoint's run's ``blobs``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no sibling stores; it cannot read incremental checkpoints")
+
+    def blob_area(self) -> Store:
+        """For the store of one checkpoint: the store of its run's blob area (``<run>/blobs``)."""
+        return self.sibling(BLOBS_DIR)
+
+    def open_blob_write(self, name: str) -> AbstractContextManager[IO[bytes]]:
+        """A new file ``name`` in this run's blob area; its bytes durable (fsynced, or uploaded)
+        when the block exits, removed when it raises. Its folder entry is durable once
+        :meth:`sync_blobs` returned.
+
+        Raises:
+            ValueError: ``name`` is not a plain file name.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no blob area; it cannot save incremental checkpoints")
+
+    def sync_blobs(self) -> None:
+        """Make the entries of the files written into the blob area durable (one folder fsync)."""
+        return None  # object stores: an upload is durable when it completes
+
+    def list_blobs(self) -> dict[str, int]:
+        """Every ``.safetensors`` file of this run's blob area and its size (empty when there is none)."""
+        return {}
+
+    def delete_blob(self, name: str) -> None:
+        """Remove the file ``name`` from this run's blob area (gone already: nothing to do).
+
+        Raises:
+            CheckpointWriteError: the storage failed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no blob area")

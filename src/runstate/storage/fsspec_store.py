@@ -35,7 +35,7 @@ from runstate.errors import CheckpointError, CheckpointWriteError, CorruptCheckp
 from runstate.format.manifest import MANIFEST_NAME
 from runstate.storage._fs import object_write_error
 from runstate.storage._object_lock import ObjectLock
-from runstate.storage.base import STEP_RE, AttachedStaging, BegunStaging, EntryKind, Store, step_dirname
+from runstate.storage.base import BLOBS_DIR, STEP_RE, AttachedStaging, BegunStaging, EntryKind, Store, step_dirname
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "FsspecAttachedStaging", "FsspecStaging", "FsspecStore", "ObjectLock"]
 
@@ -399,6 +399,59 @@ class FsspecStore(Store):
     def lock(self) -> ObjectLock:
         """An advisory ``.lock`` object."""
         return ObjectLock(self)
+
+    def sibling(self, name: str) -> FsspecStore:
+        """The prefix ``name`` next to the root, sharing this one's filesystem object."""
+        return FsspecStore(
+            f"{self.location.rsplit('/', 1)[0]}/{name}",
+            storage_options=self.storage_options,
+            max_workers=self.max_workers,
+            _fs=self.fs,
+            _root=f"{self.root.rsplit('/', 1)[0]}/{name}",
+        )
+
+    @contextlib.contextmanager
+    def open_blob_write(self, name: str) -> Iterator[IO[bytes]]:
+        """A new object under ``<root>/blobs/``, complete when the block exits (discarded when it raises)."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"{name!r} is not a plain file name")
+        path = self.path(f"{BLOBS_DIR}/{name}")
+        self.make_dirs(BLOBS_DIR)
+        f = self.fs.open(path, "wb", block_size=self.block_size)
+        try:
+            yield f
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.discard()
+            with contextlib.suppress(Exception):
+                f.close()
+            with contextlib.suppress(Exception):
+                self.fs.rm_file(path)
+            raise
+        f.close()
+
+    def list_blobs(self) -> dict[str, int]:
+        """The ``.safetensors`` objects under ``<root>/blobs/`` and their sizes."""
+        folder = self.path(BLOBS_DIR)
+        self.fs.invalidate_cache(folder)
+        try:
+            entries = self.fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            return {}
+        found = {}
+        for e in entries:
+            name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if e.get("type") == "file" and name.endswith(".safetensors") and not name.startswith("."):
+                found[name] = int(e["size"])
+        return dict(sorted(found.items()))
+
+    def delete_blob(self, name: str) -> None:
+        """Delete the object ``<root>/blobs/<name>``."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path(f"{BLOBS_DIR}/{name}"))
+        except Exception as exc:
+            raise object_write_error(exc, "cannot delete", self.join(f"{BLOBS_DIR}/{name}"), "it stays") from exc
 
     def list_names(self) -> list[str]:
         """The names directly under the root prefix."""

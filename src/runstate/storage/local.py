@@ -46,6 +46,7 @@ from runstate.storage._rundir import LEFTOVER_RE, hidden_name, list_leftovers, r
 from runstate.storage._rundir import delete_directory as delete_directory
 from runstate.storage._rundir import list_committed as list_committed
 from runstate.storage.base import (
+    BLOBS_DIR,
     INTERRUPTED_DELETION,
     INTERRUPTED_SAVE,
     AttachedStaging,
@@ -347,3 +348,51 @@ class LocalStore(Store):
             return sorted(os.listdir(self.location))
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def sibling(self, name: str) -> LocalStore:
+        """The directory ``name`` next to the root."""
+        return LocalStore(os.path.join(os.path.dirname(os.path.abspath(self.location)), name))
+
+    @contextlib.contextmanager
+    def open_blob_write(self, name: str) -> Iterator[IO[bytes]]:
+        """A new file in ``<root>/blobs``, fsynced when the block exits (the folder: :meth:`sync_blobs`)."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"{name!r} is not a plain file name")
+        folder = self.join(BLOBS_DIR)
+        makedirs_durable(folder)
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "xb", buffering=0, opener=nofollow) as f:
+                yield f
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+
+    def sync_blobs(self) -> None:
+        """fsync ``<root>/blobs``, so that the entries of the files written there are durable."""
+        fsync_dir(self.join(BLOBS_DIR))
+
+    def list_blobs(self) -> dict[str, int]:
+        """The regular ``.safetensors`` files of ``<root>/blobs`` (symlinks and others ignored)."""
+        found: dict[str, int] = {}
+        try:
+            entries = list(os.scandir(self.join(BLOBS_DIR)))
+        except (FileNotFoundError, NotADirectoryError):
+            return found
+        for entry in entries:
+            if entry.name.endswith(".safetensors") and not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    found[entry.name] = entry.stat(follow_symlinks=False).st_size
+        return dict(sorted(found.items()))
+
+    def delete_blob(self, name: str) -> None:
+        """``os.unlink`` of ``<root>/blobs/<name>``."""
+        path = os.path.join(self.join(BLOBS_DIR), name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise write_error(exc, "cannot remove", path, "it stays (unreferenced: only disk space)") from exc

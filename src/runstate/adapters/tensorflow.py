@@ -1,0 +1,776 @@
+"""TensorFlow adapter: custom training loops, ``tf.random.Generator`` and the ``tf.data`` position.
+
+A TensorFlow training loop keeps its state in objects that have no ``state_dict``:
+``tf.Variable`` step counters, ``tf.Module`` models, a Keras optimizer, ``tf.random.Generator``
+and a ``tf.data`` iterator. This adapter tells the core how to save each of them
+(:meth:`TensorflowAdapter.registration`, consulted by :mod:`runstate.registry`) and restores
+them **in place** with ``assign``, so a ``tf.function`` that captured the variables keeps
+working. Values are NumPy arrays in the checkpoint; nothing is pickled.
+
+* ``tf.Variable``: its value. ``tf.Module``: every variable, by attribute path
+  (``"layers/0/w"``). Keras optimizer: every variable (iterations, learning rate, moments) by
+  position, as :class:`runstate.keras.State` does. ``tf.random.Generator``: state and algorithm.
+* a ``tf.data`` iterator (``iter(dataset)``): the variant tensor ``tf.raw_ops.SerializeIterator``
+  returns (what ``tf.train.Checkpoint(iterator=it)`` saves: each stage's position, shuffle
+  buffers and their random state) as uint8 bytes. Saving refuses the pipelines that would
+  not resume exactly (a ``shuffle`` without a seed, a random op in a ``map`` whose state lives
+  in its kernel, a parallel ``map`` drawing from a generator without deterministic ops), and
+  the shuffle seeds and a fingerprint of the stages are part of the stored key, so a dataset
+  rebuilt with other seeds or parameters is a mismatch, not a silently different run. An
+  iterator and the generators its ``map`` draws from are read at one instant
+  (:func:`snapshot`), and restored so that no stale background draw moves them.
+* ``tf.Tensor`` values are stored like NumPy arrays (``lib: "tensorflow"``) and replaced on restore.
+* ``runstate.RNG()`` includes TensorFlow's global seed (``tf.random.set_seed``), the state that
+  derives the seeds of ops created without one, and the global generator if it exists.
+
+Imported only when the program has imported tensorflow (or a checkpoint holds a TF tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from runstate.adapters.base import Adapter
+from runstate.errors import CorruptCheckpointError, StateMismatchError, UnsupportedTypeError
+from runstate.format.tensors import NumpyCodec, TensorBlob, TensorCodec
+from runstate.registry import Registration
+
+__all__ = [
+    "ADAPTER",
+    "TensorflowAdapter",
+    "global_rng_state",
+    "iterator_state",
+    "module_variables",
+    "pipeline",
+    "prepare",
+    "resume_iterator",
+    "set_global_rng_state",
+    "set_iterator_state",
+    "shuffle_seeds",
+    "snapshot",
+    "snapshot_iterator_state",
+]
+
+_MAGIC = b"RSTFIT1\0"  # start of a serialized iterator state (format version 1)
+_FAIL = tf.data.experimental.ExternalStatePolicy.FAIL.value
+_NUMPY = NumpyCodec()
+
+# Random ops whose state lives in the kernel, not in a variable: with external state ignored,
+# an iterator saved after them resumes with other random numbers.
+_KERNEL_RANDOM = ("TruncatedNormal", "Multinomial", "ParameterizedTruncatedNormal")
+# Ops by which a function draws from a tf.random.Generator (its state variable).
+_GENERATOR_OPS = (
+    "RngReadAndSkip",
+    "RngSkip",
+    "StatefulUniform",
+    "StatefulUniformInt",
+    "StatefulUniformFullInt",
+    "StatefulStandardNormal",
+    "StatefulStandardNormalV2",
+    "StatefulTruncatedNormal",
+)
+
+
+def iterator_state(iterator: Any) -> np.ndarray:
+    """The position of a ``tf.data`` iterator (``iter(dataset)``) as uint8 bytes.
+
+    The bytes are the variant tensor ``tf.raw_ops.SerializeIterator`` returns (what
+    ``tf.train.Checkpoint(iterator=it)`` saves): the position of every stage, shuffle buffers
+    and their random state included. Each slice is stored as a ``TensorProto``
+    (``tf.io.serialize_tensor``), length-prefixed, after an 8-byte magic.
+
+    Args:
+        iterator: an iterator made with ``iter(dataset)`` (a ``tf.data`` ``OwnedIterator``).
+
+    Returns:
+        A 1-D ``numpy.uint8`` array, for :func:`set_iterator_state`.
+
+    Raises:
+        UnsupportedTypeError: ``iterator`` is not a tf.data iterator, or its pipeline would not
+            resume exactly: a ``shuffle`` without a seed, a random op whose state TensorFlow
+            cannot save, or a ``map`` that draws from a ``tf.random.Generator`` without
+            ``experimental_external_state_policy = IGNORE`` (the message says what to change).
+    """
+    resource = getattr(iterator, "_iterator_resource", None)
+    if resource is None:
+        raise UnsupportedTypeError(f"a {type(iterator).__qualname__} is not a tf.data iterator (iter(dataset))")
+    policy = _policy(iterator)
+    _check_exact(iterator, ignore_external=policy != _FAIL)  # WARN serializes without the state too
+    try:
+        variant = tf.raw_ops.SerializeIterator(resource_handle=resource, external_state_policy=policy)
+    except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError) as exc:
+        raise UnsupportedTypeError(
+            f"TensorFlow cannot save the position of this tf.data iterator: {exc.message.strip()}. If a map "
+            "function draws from a tf.random.Generator, save the generator as its own item and set "
+            "options = tf.data.Options(); options.experimental_external_state_policy = "
+            "tf.data.experimental.ExternalStatePolicy.IGNORE; dataset = dataset.with_options(options). "
+            "Other random ops in a map (tf.random.uniform, tf.image.random_*) have no state to save: "
+            "use a tf.random.Generator or the stateless ops (tf.random.stateless_uniform)"
+        ) from exc
+    parts = [_MAGIC]
+    for piece in tf.unstack(variant):  # one proto per slice: no 2 GB protobuf limit on the whole
+        data = tf.io.serialize_tensor(piece).numpy()
+        parts.append(struct.pack("<Q", len(data)))
+        parts.append(data)
+    return np.frombuffer(b"".join(parts), dtype=np.uint8).copy()
+
+
+def set_iterator_state(iterator: Any, state: np.ndarray) -> None:
+    """Move a ``tf.data`` iterator to the position :func:`iterator_state` returned.
+
+    ``iterator`` must iterate over the same pipeline (the same stages, parameters and shuffle
+    seeds) as the saved one; its next element is then the one the saved iterator would have
+    returned. The state must come from a trusted checkpoint: TensorFlow's deserializer is not
+    hardened against crafted input (a crafted state can crash the process); the checksums
+    catch accidental corruption, not a crafted file.
+
+    Args:
+        iterator: a fresh (or used) iterator over the same dataset: ``iter(dataset)``.
+        state: the array returned by :func:`iterator_state`.
+
+    Raises:
+        UnsupportedTypeError: ``iterator`` is not a tf.data iterator.
+        CorruptCheckpointError: ``state`` is not a serialized iterator state.
+        StateMismatchError: the state is of another pipeline than ``iterator``'s.
+    """
+    resource = getattr(iterator, "_iterator_resource", None)
+    if resource is None:
+        raise UnsupportedTypeError(f"a {type(iterator).__qualname__} is not a tf.data iterator (iter(dataset))")
+    try:
+        pieces = [tf.io.parse_tensor(s, tf.variant) for s in _slices(state)]
+    except tf.errors.OpError as exc:
+        raise CorruptCheckpointError(f"the stored tf.data iterator state cannot be parsed: {exc.message}") from exc
+    if not pieces:
+        raise CorruptCheckpointError("the stored tf.data iterator state holds no serialized iterator")
+    try:
+        tf.raw_ops.DeserializeIterator(resource_handle=resource, serialized=tf.stack(pieces))
+    except tf.errors.OpError as exc:
+        raise StateMismatchError(
+            "the stored tf.data iterator state does not fit this iterator's dataset (another pipeline?): "
+            f"{exc.message.strip()}; build the same dataset as the saved run"
+        ) from exc
+
+
+def _policy(iterator: Any) -> int:
+    """The external state policy ``tf.train.Checkpoint(iterator=...)`` uses (FAIL by default)."""
+    dataset = getattr(iterator, "_dataset", None)
+    if dataset is not None:
+        policy = dataset.options().experimental_external_state_policy
+        if policy is not None:
+            return int(policy.value)
+    return int(_FAIL)
+
+
+def _datasets(iterator: Any) -> list[Any]:
+    """The stages of ``iterator``'s pipeline, from the last to the source (Python objects:
+    serializing the dataset graph would copy every in-memory tensor it was built from)."""
+    out: list[Any] = []
+    todo = [getattr(iterator, "_dataset", None)]
+    while todo:
+        ds = todo.pop()
+        if ds is None:
+            continue
+        out.append(ds)
+        try:
+            todo.extend(reversed(ds._inputs()))
+        except (AttributeError, NotImplementedError):
+            continue
+    return out
+
+
+def _scalar(value: Any) -> Any:
+    """A stage's scalar parameter (a batch size, a seed) as a Python value, else None."""
+    if isinstance(value, bool):
+        return value
+    dtype = getattr(value, "dtype", None)
+    if (
+        dtype is None
+        or dtype in (tf.variant, tf.resource)
+        or getattr(value, "shape", None) != ()
+        or not hasattr(value, "numpy")
+    ):
+        return None
+    return value.numpy().item()
+
+
+def pipeline(iterator: Any) -> tuple[list[int], str]:
+    """The seed pairs of every ``shuffle`` in ``iterator``'s pipeline (flattened, last stage
+    first), and a fingerprint of its stages: their scalar parameters (batch and buffer
+    sizes...), element specs, the ops and constants of their functions (``map``, ``filter``)
+    and the shapes and dtypes of the tensors they were built from. TensorFlow restores a
+    position into a pipeline of the same stages with other parameters or functions without a
+    word. Not covered: the values of source tensors (another array of the same shape).
+
+    Raises:
+        UnsupportedTypeError: a ``shuffle`` has no seed (neither ``seed=`` nor
+            ``tf.random.set_seed``): its next epochs are shuffled with fresh random seeds.
+    """
+    seeds: list[int] = []
+    parts: list[str] = []
+    for ds in _datasets(iterator):
+        params = {k: _scalar(v) for k, v in sorted(vars(ds).items())}
+        parts.append(type(ds).__name__ + repr({k: v for k, v in params.items() if v is not None}))
+        parts.append(repr(getattr(ds, "element_spec", None)) + repr(_sources(ds)))
+        parts.extend(_function_fingerprint(ds))
+        if "_seed" in params and "_seed2" in params:
+            pair = [params["_seed"], params["_seed2"]]
+            if pair == [0, 0]:
+                raise UnsupportedTypeError(
+                    "a tf.data shuffle without a seed (shuffle(buffer_size) and no tf.random.set_seed) cannot "
+                    "resume exactly: the saved position keeps the current shuffle buffer, but TensorFlow draws the "
+                    "seeds of the next epochs at random in every process. Fix: pass a seed, "
+                    "shuffle(buffer_size, seed=0), or call tf.random.set_seed(...) (keras.utils.set_random_seed(...)) "
+                    "before building the dataset"
+                )
+            seeds.extend(int(x) if x is not None else -1 for x in pair)
+    return seeds, hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def shuffle_seeds(iterator: Any) -> list[int]:
+    """The seed pairs of every ``shuffle`` in ``iterator``'s pipeline (see :func:`pipeline`).
+
+    Raises:
+        UnsupportedTypeError: a ``shuffle`` has no seed.
+    """
+    return pipeline(iterator)[0]
+
+
+def _function_ops(ds: Any) -> list[tuple[str, str]]:
+    """``(op, node name)`` of every node of the functions a stage runs (map, filter...)."""
+    ops: list[tuple[str, str]] = []
+    for value in vars(ds).values():
+        fn = getattr(getattr(value, "function", None), "graph", None)
+        if fn is None:
+            continue
+        graph = fn.as_graph_def()
+        ops.extend((node.op, node.name) for node in graph.node)
+        ops.extend((node.op, node.name) for lib in graph.library.function for node in lib.node_def)
+    return ops
+
+
+def _sources(ds: Any) -> list[str]:
+    """Shape and dtype of every non-scalar tensor a stage holds (``from_tensor_slices`` data)."""
+    out: list[str] = []
+    for key, value in sorted(vars(ds).items()):
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            dtype, shape = getattr(item, "dtype", None), getattr(item, "shape", None)
+            if isinstance(dtype, tf.dtypes.DType) and shape is not None and shape != () and dtype != tf.resource:
+                out.append(f"{key}:{dtype.name}{list(shape)}")
+    return out
+
+
+def _function_fingerprint(ds: Any) -> list[str]:
+    """The op types and constants of the functions a stage runs (names carry per-process ids)."""
+    out: list[str] = []
+    for value in vars(ds).values():
+        fn = getattr(getattr(value, "function", None), "graph", None)
+        if fn is None:
+            continue
+        graph = fn.as_graph_def()
+        nodes = [*graph.node, *(node for lib in graph.library.function for node in lib.node_def)]
+        for node in nodes:
+            const = node.attr["value"].tensor.SerializeToString(deterministic=True) if node.op == "Const" else b""
+            out.append(node.op + hashlib.sha256(const).hexdigest()[:8] if const else node.op)
+    return out
+
+
+def _deterministic() -> bool:
+    from tensorflow.python.framework import config
+
+    return bool(config.is_op_determinism_enabled())
+
+
+def _check_reshuffle_in_repeat(iterator: Any) -> None:
+    """Refuse a reshuffling ``shuffle`` with a ``repeat`` downstream that is not right after it.
+
+    ``shuffle().batch().repeat()``: each epoch's shuffle iterator draws its seeds from the
+    dataset's seed generator, and only that iterator saves how far the generator went. When it
+    has finished at save time (a partial last batch, a ``prefetch`` that ran ahead to the end
+    of the epoch), the saved position has lost the next epoch's seeds. ``shuffle().repeat()``
+    (fused by tf.data, or a repeat that makes the next shuffle iterator in the same call) and
+    ``reshuffle_each_iteration=False`` (the same seeds every epoch) resume exactly.
+    """
+    todo: list[tuple[Any, tuple[Any, ...]]] = [(getattr(iterator, "_dataset", None), ())]
+    while todo:
+        ds, down = todo.pop()  # down: the stages after ``ds``, nearest first
+        if ds is None:
+            continue
+        if (
+            type(ds).__name__ == "_ShuffleDataset"
+            and _scalar(getattr(ds, "_reshuffle_each_iteration", True)) is not False
+        ):
+            repeats = [d for d in down if type(d).__name__ == "_RepeatDataset"]
+            direct = bool(repeats) and down[0] is repeats[0]
+            if repeats and not (direct and (len(repeats) == 1 or _scalar(repeats[0]._count) == -1)):
+                between = " -> ".join(type(d).__name__.strip("_").removesuffix("Dataset").lower() for d in down)
+                raise UnsupportedTypeError(
+                    f"a tf.data shuffle that reshuffles every epoch sits inside repeat (shuffle -> {between}): when "
+                    "the epoch's shuffle iterator has finished at save time (a partial last batch, or prefetch "
+                    "that ran ahead to the end of the epoch), TensorFlow's saved position loses the next epoch's "
+                    "reshuffle seeds and a resumed run would shuffle the next epochs differently. Fix: put repeat() "
+                    "right after shuffle(): dataset.shuffle(n, seed=...).repeat().map(...).batch(...) (batches "
+                    "then span epochs), or shuffle(..., reshuffle_each_iteration=False) for one order every epoch"
+                )
+        try:
+            inputs = ds._inputs()
+        except (AttributeError, NotImplementedError):
+            continue
+        todo.extend((x, (ds, *down)) for x in inputs)
+
+
+def _check_exact(iterator: Any, *, ignore_external: bool) -> None:
+    """Refuse a pipeline whose saved position would not resume exactly (see :func:`iterator_state`)."""
+    pipeline(iterator)
+    _check_reshuffle_in_repeat(iterator)
+    for ds in _datasets(iterator):
+        ops = _function_ops(ds)
+        parallel = _scalar(getattr(ds, "_num_parallel_calls", None)) not in (None, 1)
+        draws = sorted({op for op, _ in ops if op in _GENERATOR_OPS})
+        if parallel and draws and not _deterministic():
+            raise UnsupportedTypeError(
+                f"a tf.data map with num_parallel_calls draws from a tf.random.Generator ({', '.join(draws)}): "
+                "its calls take the generator's numbers in whatever order the threads run, so even an "
+                "uninterrupted run is not reproducible. Fix: call tf.config.experimental.enable_op_determinism() "
+                "(tf.data then runs such a map in order), or drop num_parallel_calls from that map"
+            )
+        if not ignore_external:
+            continue  # TensorFlow refuses stateful ops itself (FAIL policy)
+        for op, name in ops:
+            if op.startswith("Random") or op in _KERNEL_RANDOM:
+                raise UnsupportedTypeError(
+                    f"a tf.data pipeline runs the random op {op} ({name}), whose state lives in the op's "
+                    "kernel: with experimental_external_state_policy=IGNORE its position is saved without it and "
+                    "a resumed run would draw other numbers. Fix: draw from a tf.random.Generator saved as its "
+                    "own item (g.uniform(...)), or use the stateless ops (tf.random.stateless_uniform, "
+                    "tf.image.stateless_random_*) with seeds derived from the element"
+                )
+
+
+def _slices(state: np.ndarray) -> list[bytes]:
+    raw = np.ascontiguousarray(state, dtype=np.uint8).tobytes()
+    if not raw.startswith(_MAGIC):
+        raise CorruptCheckpointError("the stored tf.data iterator state does not start with runstate's header")
+    out: list[bytes] = []
+    at = len(_MAGIC)
+    while at < len(raw):
+        if at + 8 > len(raw):
+            raise CorruptCheckpointError("the stored tf.data iterator state is truncated")
+        (size,) = struct.unpack_from("<Q", raw, at)
+        at += 8
+        if at + size > len(raw):
+            raise CorruptCheckpointError("the stored tf.data iterator state is truncated")
+        out.append(raw[at : at + size])
+        at += size
+    return out
+
+
+# -- state items ----------------------------------------------------------------------------
+
+
+class _Position(np.ndarray):
+    """A live iterator's serialized position: its size changes as it moves, so it takes the
+    stored one (:meth:`TensorflowAdapter.is_lazy`) instead of being a shape mismatch."""
+
+
+def _copy(value: Any) -> np.ndarray:
+    return np.array(value.numpy(), copy=True)
+
+
+# The iterators and generators of the save in progress (:func:`snapshot`), and the values read
+# together for them, by object id (with the object, so a reused id is not mistaken for it).
+_group: list[weakref.ref[Any]] = []
+_snapshot: dict[int, tuple[Any, Any]] = {}
+# The generators a restore in progress has set, with their states: set again after each
+# iterator, whose old background threads may draw from them until it is replaced.
+_restored: list[tuple[Any, Any]] = []
+# Whether the save in progress holds runstate.RNG() (which saves TF's global generator).
+_rng_saved: list[bool] = [False]
+
+
+def prepare(leaves: list[Any], *, saving: bool) -> None:
+    """Get ready for a save (:func:`snapshot`) or a restore of a state's ``leaves``."""
+    _restored.clear()
+    if saving:
+        snapshot(leaves)
+    else:
+        _group.clear()
+        _snapshot.clear()
+
+
+def snapshot(leaves: list[Any]) -> None:
+    """Note the tf.data iterators and tf.random.Generators of a state about to be saved.
+
+    A ``map`` that draws from a generator runs ahead in tf.data's background threads
+    (``prefetch``, parallel ``map``): an element drawn between reading the iterator and
+    reading the generator would be drawn twice, or never, by a resumed run. So when the
+    encoder asks for the first of them, all are read at one instant (:func:`_read_together`).
+    Called before every ``save`` (``runstate.adapters.data.prepare``), due or not: reading
+    waits until a save really encodes them.
+    """
+    from runstate.rng import RNG
+
+    _snapshot.clear()
+    _rng_saved[0] = any(isinstance(x, RNG) for x in leaves)
+    group = [x for x in leaves if isinstance(x, (_owned_iterator(), tf.random.Generator))]
+    # A Stateful whose state_dict reads an iterator (runstate.keras.Checkpoint's input position)
+    # names it, so that it is read with the generators too (:func:`snapshot_iterator_state`).
+    hooked = (getattr(x, "runstate_tf_iterator", None) for x in leaves)
+    group.extend(x for x in hooked if isinstance(x, _owned_iterator()))
+    _group[:] = [weakref.ref(x) for x in group] if any(isinstance(x, _owned_iterator()) for x in group) else []
+
+
+def _read_together(objs: list[Any], *, attempts: int = 200) -> None:
+    """Serialize the iterators, read the generators, serialize the iterators again, until
+    nothing moved in between (background stages stop when their buffers are full).
+
+    Raises:
+        UnsupportedTypeError: the iterators kept moving for ``attempts`` tries.
+    """
+    failed: dict[int, tuple[Any, Any]] = {}
+    generators = [x for x in objs if isinstance(x, tf.random.Generator)]
+    iterators = []
+    for it in (x for x in objs if isinstance(x, _owned_iterator())):
+        try:  # an iterator that cannot be saved raises when it is encoded, not when a generator is
+            _check_generators_saved(it, generators)
+            _iterator_value(it)
+            iterators.append(it)
+        except UnsupportedTypeError as exc:
+            failed[id(it)] = (it, exc)
+    after = [_iterator_value(it) for it in iterators]
+    gens: list[dict[str, Any]] = []
+    if generators:  # without generators, one read is the instant
+        for _ in range(attempts):
+            before = after
+            gens = [_generator_value(g) for g in generators]
+            after = [_iterator_value(it) for it in iterators]
+            if all(_same(x, y) for x, y in zip(before, after, strict=True)):
+                break
+        else:
+            raise UnsupportedTypeError(
+                "the tf.data iterators in the state kept moving while runstate read them together with the "
+                "tf.random.Generators; save from the thread that draws from the iterators"
+            )
+    for obj, value in [*zip(iterators, after, strict=True), *zip(generators, gens, strict=True)]:
+        _snapshot[id(obj)] = (obj, value)
+    _snapshot.update(failed)
+
+
+def _taken(obj: Any) -> Any:
+    """The value of ``obj`` read with the rest of its group, or None when it is in none."""
+    if _group and any(ref() is obj for ref in _group):
+        objs = [x for x in (ref() for ref in _group) if x is not None]
+        _group.clear()
+        _read_together(objs)
+    found = _snapshot.pop(id(obj), None)
+    if found is None or found[0] is not obj:
+        return None
+    if isinstance(found[1], UnsupportedTypeError):
+        raise found[1]
+    return found[1]
+
+
+def _drawn_handles(iterator: Any) -> list[tuple[Any, str]]:
+    """The resource handles a pipeline's functions draw random numbers from (the state
+    variables of ``tf.random.Generator``), with the drawing op's name."""
+    out: list[tuple[Any, str]] = []
+    for ds in _datasets(iterator):
+        for value in vars(ds).values():
+            fn = getattr(value, "function", None)
+            graph = getattr(fn, "graph", None)
+            if graph is None:
+                continue
+            external = {internal.op.name: ext for ext, internal in graph.captures}
+            for node in graph.as_graph_def().node:
+                if node.op in _GENERATOR_OPS and node.input:
+                    handle = external.get(node.input[0].lstrip("^").split(":")[0])
+                    if handle is not None:
+                        out.append((handle, f"{node.op} ({node.name})"))
+    return out
+
+
+def _check_generators_saved(iterator: Any, generators: list[Any]) -> None:
+    """Refuse an iterator whose ``map`` draws from a ``tf.random.Generator`` the save leaves out.
+
+    Raises:
+        UnsupportedTypeError: naming the op; the fix is to save that generator as an item.
+    """
+    from tensorflow.python.ops import stateful_random_ops
+
+    saved = [g.state.handle for g in generators]
+    glob = stateful_random_ops.global_generator
+    if _rng_saved[0] and glob is not None:
+        saved.append(glob.state.handle)
+    for handle, op in _drawn_handles(iterator):
+        if not any(handle is h for h in saved):
+            raise UnsupportedTypeError(
+                f"a tf.data map draws from a tf.random.Generator ({op}) that is not in the saved state: the "
+                "iterator's position is saved without the generator's, so a resumed run would draw other "
+                "numbers. Fix: save the generator as its own item next to the iterator "
+                '({"data": iterator, "augment": generator}; the global one: runstate.RNG())'
+            )
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _owned_iterator() -> type:
+    from tensorflow.python.data.ops.iterator_ops import OwnedIterator
+
+    cls: type = OwnedIterator
+    return cls
+
+
+def _iterator_value(iterator: Any) -> dict[str, Any]:
+    # The shuffle seeds and the pipeline's fingerprint name the key: a dataset rebuilt with other
+    # seeds (only a global seed, and other random ops created before it) or parameters is a key
+    # mismatch, found before anything changes.
+    seeds, fingerprint = pipeline(iterator)
+    return {_position_key(seeds, fingerprint): iterator_state(iterator).view(_Position)}
+
+
+def _iterator_get(iterator: Any) -> dict[str, Any]:
+    found = _taken(iterator)
+    return found if found is not None else _iterator_value(iterator)
+
+
+def _position_key(seeds: list[int], fingerprint: str) -> str:
+    return f"position (pipeline {fingerprint}, shuffle seeds {seeds})"
+
+
+def snapshot_iterator_state(iterator: Any) -> np.ndarray:
+    """:func:`iterator_state` of ``iterator``, read at one instant with the ``tf.random.Generator``
+    items of the save in progress when a Stateful of that save names it (``runstate_tf_iterator``).
+
+    Raises:
+        UnsupportedTypeError: as :func:`iterator_state`.
+    """
+    found = _taken(iterator)
+    if found is None:
+        return iterator_state(iterator)
+    (value,) = found.values()
+    return np.asarray(value).view(np.ndarray)
+
+
+def resume_iterator(iterator: Any, state: np.ndarray) -> None:
+    """:func:`set_iterator_state`, then set again the ``tf.random.Generator`` items the last
+    restore set: until now the iterator's background threads (or a batch drawn from it) may
+    have drawn from them.
+
+    Raises:
+        as :func:`set_iterator_state`.
+    """
+    set_iterator_state(iterator, state)
+    # The restored iterator starts its threads at its first element.
+    for gen, gen_state in _restored:
+        gen.state.assign(gen_state)
+
+
+def _iterator_set(iterator: Any, state: dict[str, Any]) -> None:
+    (value,) = state.values()
+    resume_iterator(iterator, np.asarray(value))
+
+
+def _generator_value(gen: Any) -> dict[str, Any]:
+    return {"state": _copy(gen.state), "algorithm": int(gen.algorithm)}
+
+
+def _generator_get(gen: Any) -> dict[str, Any]:
+    found = _taken(gen)
+    return found if found is not None else _generator_value(gen)
+
+
+def _generator_set(gen: Any, state: dict[str, Any]) -> None:
+    if int(state["algorithm"]) != int(gen.algorithm):
+        raise StateMismatchError(
+            f"a tf.random.Generator of algorithm {state['algorithm']} is stored, the live one uses {int(gen.algorithm)}"
+        )
+    gen.state.assign(state["state"])
+    _restored.append((gen, state["state"]))
+
+
+def _variable_set(var: Any, state: Any) -> None:
+    var.assign(state)
+
+
+def module_variables(module: Any) -> dict[str, Any]:
+    """The variables of a ``tf.Module``, by attribute path (``"layers/0/w"``).
+
+    Raises:
+        UnsupportedTypeError: the module holds a Keras 3 layer or variable, which
+            ``tf.Module`` does not walk into (its weights would be silently left out).
+    """
+    keras = sys.modules.get("keras")
+    kinds: tuple[type, ...] = (tf.Variable,)
+    if keras is not None:
+        kinds = (tf.Variable, keras.Layer, keras.Variable, keras.optimizers.Optimizer)
+    found = module._flatten(predicate=lambda v: isinstance(v, kinds), with_path=True)
+    out = {"/".join(str(p) for p in path): v for path, v in found}
+    for key, value in out.items():
+        if not isinstance(value, tf.Variable):
+            raise UnsupportedTypeError(
+                f"the tf.Module {type(module).__qualname__} holds a Keras {type(value).__qualname__} at {key!r}: "
+                "tf.Module does not see Keras 3 weights, so they would be left out. Fix: save the Keras part "
+                "as its own item, runstate.keras.State(layer_or_model) (an optimizer: the optimizer itself)"
+            )
+    return out
+
+
+def _module_get(module: Any) -> dict[str, Any]:
+    return {k: _copy(v) for k, v in module_variables(module).items()}
+
+
+def _assign_all(variables: dict[str, Any], state: dict[str, Any]) -> None:
+    for key, var in variables.items():
+        var.assign(state[key])
+
+
+def _optimizer_variables(opt: Any) -> dict[str, Any]:
+    # By position, as runstate.keras.State matches them: the names Keras derives from the
+    # model's variables differ between processes that build layers in another order.
+    return {str(i): v for i, v in enumerate(opt.variables)}
+
+
+def _keras_numpy(variable: Any) -> np.ndarray:
+    import keras
+
+    return np.array(keras.ops.convert_to_numpy(variable.value), copy=True)
+
+
+def _optimizer_get(opt: Any) -> dict[str, Any]:
+    return {k: _keras_numpy(v) for k, v in _optimizer_variables(opt).items()}
+
+
+def _registrations() -> list[tuple[type, Registration]]:
+    def reg(cls: type, get: Callable[[Any], Any], put: Callable[[Any, Any], Any]) -> tuple[type, Registration]:
+        return cls, Registration(cls, get, put)
+
+    return [
+        reg(tf.Variable, _copy, _variable_set),
+        reg(tf.random.Generator, _generator_get, _generator_set),
+        reg(_owned_iterator(), _iterator_get, _iterator_set),
+        reg(tf.Module, _module_get, lambda m, s: _assign_all(module_variables(m), s)),
+    ]
+
+
+class TensorflowCodec:
+    """Codec for ``tf.Tensor`` values (eager tensors), stored like NumPy arrays."""
+
+    lib = "tensorflow"
+
+    def to_blob(self, value: Any, where: str) -> TensorBlob:
+        if not hasattr(value, "numpy"):
+            raise UnsupportedTypeError(
+                f"{where}: a symbolic tf.Tensor (inside tf.function) has no value; save outside it"
+            )
+        blob = _NUMPY.to_blob(np.array(value.numpy(), copy=True), where)
+        return TensorBlob(blob.dtype, blob.shape, blob.nbytes, self.lib, blob.read, blob.meta)
+
+    def from_bytes(self, data: np.ndarray, dtype: str, shape: tuple[int, ...], meta: dict[str, Any]) -> Any:
+        return tf.constant(np.asarray(_NUMPY.from_bytes(data, dtype, shape, meta)))
+
+
+CODEC = TensorflowCodec()
+
+
+class TensorflowAdapter(Adapter):
+    """TensorFlow: tensors, variables, modules, generators, tf.data iterators, Keras optimizers."""
+
+    name = "tensorflow"
+    lib = "tensorflow"
+
+    def __init__(self) -> None:
+        self._registrations = _registrations()
+
+    def tensor_codec(self, value: Any) -> TensorCodec | None:
+        return CODEC if isinstance(value, tf.Tensor) else None
+
+    def codec(self) -> TensorCodec | None:
+        return CODEC
+
+    def versions(self) -> dict[str, str]:
+        return {"tensorflow": str(tf.__version__)}
+
+    def registration(self, cls: type) -> Registration | None:
+        if callable(getattr(cls, "state_dict", None)) and callable(getattr(cls, "load_state_dict", None)):
+            return None  # a Stateful (a tf.Module with its own state_dict) keeps its own convention
+        for base, found in self._registrations:
+            if issubclass(cls, base):
+                return Registration(cls, found.get_state, found.set_state)
+        keras = sys.modules.get("keras")
+        if keras is not None and issubclass(cls, keras.optimizers.Optimizer):
+            return Registration(cls, _optimizer_get, lambda o, s: _assign_all(_optimizer_variables(o), s))
+        return None
+
+    def is_lazy(self, value: Any) -> bool:
+        return isinstance(value, _Position)
+
+    def rng_state(self) -> Any:
+        return global_rng_state()
+
+    def set_rng_state(self, state: Any) -> None:
+        set_global_rng_state(state)
+
+
+# -- global random state --------------------------------------------------------------------
+
+
+def global_rng_state() -> dict[str, Any]:
+    """TensorFlow's global random state (parts nothing has set yet are None).
+
+    ``tf.random.set_seed(s)`` seeds a Python ``random.Random`` from which every op created
+    without a seed draws its op seed (``shuffle()``, ``tf.random.uniform(...)``, layer
+    initializers), so the seeds of the ops a resumed run creates follow the saved run's. The
+    global ``tf.random.Generator`` (``tf.random.get_global_generator()``) is included once it
+    exists. Not included, because TensorFlow keeps it inside op kernels: how far each stateful
+    random op (``tf.random.uniform`` and the like) has advanced; use a ``tf.random.Generator``
+    item or the stateless ops for randomness that must resume exactly.
+    """
+    from tensorflow.python.eager import context
+    from tensorflow.python.ops import stateful_random_ops
+
+    ctx = context.context()
+    seed, rng = ctx._seed, getattr(ctx, "_rng", None)
+    gen = stateful_random_ops.global_generator
+    state: dict[str, Any] = {"seed": None, "op_seeds": None, "global_generator": None}
+    if seed is not None and rng is not None:
+        version, internal, gauss = rng.getstate()
+        state["seed"] = int(np.asarray(seed))
+        state["op_seeds"] = [version, np.asarray(internal, dtype=np.uint32), gauss]
+    if gen is not None:
+        state["global_generator"] = _generator_value(gen)
+    return state
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`global_rng_state` returned (the global generator in place)."""
+    from tensorflow.python.eager import context
+
+    seed = state.get("seed")
+    if seed is not None:
+        ctx = context.context()
+        ctx._set_global_seed(int(seed))  # also clears the kernel cache, as tf.random.set_seed does
+        op_seeds = state.get("op_seeds")
+        if op_seeds is not None:
+            version, internal, gauss = op_seeds
+            ctx._rng.setstate((int(version), tuple(int(x) for x in np.asarray(internal)), gauss))
+    stored = state.get("global_generator")
+    if stored is not None:
+        gen = tf.random.get_global_generator()
+        if int(stored["algorithm"]) == int(gen.algorithm):
+            gen.state.assign(np.asarray(stored["state"]))
+        else:
+            tf.random.set_global_generator(
+                tf.random.Generator.from_state(np.asarray(stored["state"]), int(stored["algorithm"]))
+            )
+
+
+ADAPTER = TensorflowAdapter()
