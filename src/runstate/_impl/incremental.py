@@ -251,10 +251,10 @@ class Incremental:
         known = self._candidate(item, tname, blob, present)
         if known is None:
             return None
-        if self.trust_versions and _same_storage(known.token, token):
+        if _same_storage(known.token, token):
             assert known.token is not None and token is not None
             if known.token[1] != token[1]:
-                return None  # the version counter moved: changed (written without hashing first)
+                return None  # the version counter moved: written (safe in every mode), not hashed first
         return known if checksum(blob.read()) == known.entry.xxh3 else None
 
     @staticmethod

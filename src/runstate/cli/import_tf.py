@@ -220,7 +220,13 @@ def _check_sizes(prefix: str, shapes: Mapping[str, Any], dtypes: Mapping[str, An
         need += count * int(dtype.size)
     parent, name = split_path(prefix)
     folder = LocalStore(parent)
-    have = sum(folder.size(f) for f in folder.list_names() if f.startswith(f"{name}.data-"))
+    files = [f for f in folder.list_names() if f.startswith(f"{name}.data-")]
+    if need and not files:
+        raise CorruptCheckpointError(
+            f"cannot read {prefix}: {name}.data-00000-of-00001; No such file or directory (the .index lists "
+            "values, and no .data-* file is next to it)"
+        )
+    have = sum(folder.size(f) for f in files)
     if need > have:
         raise CorruptCheckpointError(
             f"{prefix}.index describes {need} bytes of values, but its .data files hold {have}: a damaged or "
