@@ -560,7 +560,9 @@ def test_every_bit_flip_of_every_byte_is_detected(tmp_path: Path) -> None:
     ckpt = tmp_path / "ck"
     tiny_checkpoint(ckpt)
     files = {p.name: p.read_bytes() for p in sorted(ckpt.iterdir())}
-    assert sorted(files) == ["manifest.json", "model.safetensors"] and sum(map(len, files.values())) < 1000
+    # Small, so that 8 flips per byte stay quick; the manifest's "versions" grows with the
+    # frameworks this worker process has imported (tensorflow, jax...), hence the margin.
+    assert sorted(files) == ["manifest.json", "model.safetensors"] and sum(map(len, files.values())) < 1200
     manifest = files["manifest.json"]
     version_digit = manifest.index(b'"format_version": 1') + len(b'"format_version": ')
     corrupt = (runstate.CorruptCheckpointError,)
