@@ -97,6 +97,28 @@ def test_get_state_errors_name_the_path(tmp_path: Path) -> None:
         runstate.registry.unregister(Broken)
 
 
+def test_a_runstate_refusal_from_get_state_keeps_its_kind_and_says_where(tmp_path: Path) -> None:
+    """A get_state that refuses with runstate's own error (the TensorFlow adapter refusing a
+    tf.data pipeline that would not resume exactly) reaches the user as that error, with the
+    path in front, not wrapped in "the get_state registered for ... raised ...". """
+
+    class Refusing:
+        pass
+
+    def refuse(_obj: Any) -> Any:
+        raise runstate.StateMismatchError("this pipeline cannot resume exactly; fix: shuffle().repeat()")
+
+    runstate.register(Refusing, get_state=refuse, set_state=lambda o, s: None)
+    try:
+        with pytest.raises(runstate.StateMismatchError) as info:
+            runstate.save(tmp_path / "ck", {"it": Refusing()})
+        assert str(info.value).startswith("state['it']: this pipeline cannot resume exactly")
+        assert "registered for" not in str(info.value)
+        assert not (tmp_path / "ck").exists()
+    finally:
+        runstate.registry.unregister(Refusing)
+
+
 def test_register_refuses_bad_input() -> None:
     noop = {"get_state": lambda o: None, "set_state": lambda o, s: None}
     with pytest.raises(TypeError, match="stored natively"):

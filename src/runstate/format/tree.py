@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from runstate.errors import CorruptCheckpointError, UnsupportedTypeError
+from runstate.errors import CheckpointError, CorruptCheckpointError, UnsupportedTypeError
 from runstate.format.depth import MAX_TREE_DEPTH, stack_room
 from runstate.format.tensors import TensorBlob, TensorCodec
 from runstate.registry import Registration, Registrations
@@ -273,6 +273,10 @@ class Encoder:
         cls = type(value)
         try:
             state = registered.get_state(value)
+        except CheckpointError as exc:  # runstate's own refusal (a tf.data pipeline): say where, keep its kind
+            if exc.args and isinstance(exc.args[0], str):
+                exc.args = (f"{self._where(path)}: {exc.args[0]}", *exc.args[1:])
+            raise
         except Exception as exc:
             raise UnsupportedTypeError(
                 f"{self._where(path)}: the get_state registered for {cls.__qualname__} raised {exc!r}"
