@@ -188,6 +188,11 @@ class Adapter(Protocol):
         """Copy ``src`` into ``dst`` (same size) faster than NumPy; False when it does not."""
         return False
 
+    def prepare_leaves(self, leaves: list[Any], *, saving: bool) -> None:
+        """Before a save (``saving``) or a restore: see every leaf of the state at once (e.g. to
+        read a data iterator and the generators it draws from at one instant)."""
+        return None
+
     def registration(self, cls: type) -> Registration | None:
         """How instances of ``cls``, a framework class without ``state_dict``, are saved and
         restored in place (a ``tf.Variable``, ``tf.Module``), or None (see :mod:`runstate.registry`)."""

@@ -134,20 +134,17 @@ def prepare(state: Mapping[str, Any], *, saving: bool, require_exact: bool = Fal
     torch_data: Any = None
     if sys.modules.get("torch") is not None:  # None: marked not installed
         from runstate.adapters import torch_data
-    tf_leaves: list[Any] | None = [] if sys.modules.get("tensorflow") is not None else None
+    leaves: list[Any] = []
     for key, item in state.items():
         for name, leaf in _walk(unwrap(item), f"state[{key!r}]"):
-            if tf_leaves is not None:
-                tf_leaves.append(leaf)
+            leaves.append(leaf)
             if torch_data is not None and torch_data.handle(leaf, name, saving=saving, require_exact=require_exact):
                 continue
             if is_unresumable_iterator(leaf):
                 kind = "generator" if isinstance(leaf, types.GeneratorType) else f"{type(leaf).__qualname__} iterator"
                 flag(leaf, name, kind, saving=saving, require_exact=require_exact)
-    if tf_leaves is not None:  # tf.data iterators and the generators their maps draw from, read together
-        from runstate.adapters import tensorflow
-
-        tensorflow.prepare(tf_leaves, saving=saving)
+    for adapter in adapters.active_adapters():  # e.g. tf.data iterators and the generators they draw from
+        adapter.prepare_leaves(leaves, saving=saving)
 
 
 def _exhausted() -> Iterator[Any]:

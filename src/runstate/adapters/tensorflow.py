@@ -391,6 +391,9 @@ class TensorflowAdapter(Adapter):
     def tensor_codec(self, value: Any) -> TensorCodec | None:
         return CODEC if isinstance(value, tf.Tensor) else None
 
+    def prepare_leaves(self, leaves: list[Any], *, saving: bool) -> None:
+        prepare(leaves, saving=saving)
+
     def codec(self) -> TensorCodec | None:
         return CODEC
 
