@@ -1,6 +1,11 @@
 from __future__ import annotations
 
-import logging
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -51,18 +56,62 @@ def stress(request: pytest.FixtureRequest) -> bool:
 # -- a real S3 API on loopback (moto's server mode), for the object-store tests -------------------
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serving(endpoint: str, timeout: float) -> bool:
+    try:
+        with urllib.request.urlopen(endpoint + "/", timeout=timeout) as response:
+            return int(response.status) < 500
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """``http://127.0.0.1:<free port>``: a moto S3 server, one per xdist worker, loopback only."""
+    """``http://127.0.0.1:<free port>``: a moto S3 server, one per xdist worker, loopback only.
+
+    The server runs in its own process, not in a thread of the test worker: a CI run once saw
+    the in-process server stop answering for minutes (botocore's ReadTimeoutError on a plain
+    ``create_bucket``) while the worker's tests forked, held the GIL in C code or kept threads
+    busy. A separate process shares none of that.
+    """
     pytest.importorskip("s3fs")
-    server_module = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    assert host == "127.0.0.1"
-    yield f"http://{host}:{port}"
-    server.stop()
+    pytest.importorskip("moto.server")
+    last_error = ""
+    for _attempt in range(5):
+        port = _free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        # werkzeug logs a line per request; a pipe nobody reads would fill and stall the server
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while process.poll() is None and time.monotonic() < deadline:
+            if _serving(endpoint, timeout=2):
+                break
+            time.sleep(0.1)
+        else:
+            process.kill()
+            last_error = f"port {port}: exit status {process.wait()}"
+            continue  # most likely the port was taken between _free_port and the bind
+        try:
+            yield endpoint
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return
+    pytest.fail(f"the moto S3 server did not start on loopback in 5 attempts: {last_error}")
 
 
 def s3_options(endpoint: str, block_size: int = 5 * 1024 * 1024) -> dict[str, Any]:
