@@ -289,6 +289,40 @@ def test_a_generator_restored_before_its_iterator_is_set_again_after_it(
     assert _take(it2, 6) == expected
 
 
+def test_a_restore_in_another_thread_does_not_disturb_a_save_in_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The iterators and generators of a save are read together even when another thread
+    restores a checkpoint between the save's preparation and its encoding (each save or
+    restore has its own session: no module-level state shared between threads)."""
+    import threading
+
+    from runstate.adapters import tensorflow as adapter
+
+    runstate.save(tmp_path / "other", {"v": tf.Variable(1.0)})
+    gen = tf.random.Generator.from_seed(1)
+    ds = tf.data.Dataset.range(12).shuffle(12, seed=5).repeat()
+    it = iter(ds.map(lambda x: tf.cast(x, tf.float32) + gen.uniform([])).batch(4).with_options(_ignore()))
+    _take(it, 2)
+    read_together: list[int] = []
+    real_read, real_snapshot = adapter._read_together, adapter.snapshot
+
+    def spy(session: Any, objs: list[Any], **kwargs: Any) -> None:
+        read_together.append(len(objs))
+        real_read(session, objs, **kwargs)
+
+    def snapshot_then_restore_elsewhere(leaves: list[Any]) -> None:
+        real_snapshot(leaves)
+        other = threading.Thread(target=runstate.load, args=(tmp_path / "other", {"v": tf.Variable(0.0)}))
+        other.start()
+        other.join()
+
+    monkeypatch.setattr(adapter, "_read_together", spy)
+    monkeypatch.setattr(adapter, "snapshot", snapshot_then_restore_elsewhere)
+    runstate.save(tmp_path / "ck", {"gen": gen, "data": it})
+    assert read_together == [2]
+
+
 def test_the_stored_position_is_serialize_iterator_bytes(tmp_path: Path) -> None:
     it = iter(_outer())
     _take(it, 2)

@@ -30,6 +30,8 @@ Imported only when the program has imported tensorflow (or a checkpoint holds a 
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import sys
 import weakref
 from collections.abc import Callable
@@ -82,25 +84,40 @@ def _copy(value: Any) -> np.ndarray:
     return np.array(value.numpy(), copy=True)
 
 
-# The iterators and generators of the save in progress (:func:`snapshot`), and the values read
-# together for them, by object id (with the object, so a reused id is not mistaken for it).
-_group: list[weakref.ref[Any]] = []
-_snapshot: dict[int, tuple[Any, Any]] = {}
-# The generators a restore in progress has set, with their states: set again after each
-# iterator, whose old background threads may draw from them until it is replaced.
-_restored: list[tuple[Any, Any]] = []
-# Whether the save in progress holds runstate.RNG() (which saves TF's global generator).
-_rng_saved: list[bool] = [False]
+@dataclasses.dataclass
+class _Session:
+    """What one save or restore in progress knows (:func:`prepare` starts a new one).
+
+    ``group``: the iterators and generators of the save, read together when the first of them
+    is encoded; ``values``: what was read for them, by object id (with the object, so a reused
+    id is not mistaken for it); ``restored``: the generators the restore has set, with their
+    states, set again after each iterator, whose old background threads may draw from them
+    until it is replaced; ``rng_saved``: whether the save holds ``runstate.RNG()`` (which saves
+    TF's global generator).
+    """
+
+    group: list[weakref.ref[Any]] = dataclasses.field(default_factory=list)
+    values: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+    restored: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    rng_saved: bool = False
+
+
+# The session of the save or restore in progress in this thread (a context variable: a save in
+# another thread, or an asyncio task, has its own; a new thread starts with none).
+_SESSION: contextvars.ContextVar[_Session] = contextvars.ContextVar("runstate_tensorflow_session")
+
+
+def _session() -> _Session:
+    """The session in progress, or an empty one (not kept) outside any save or restore."""
+    return _SESSION.get(None) or _Session()
 
 
 def prepare(leaves: list[Any], *, saving: bool) -> None:
     """Get ready for a save (:func:`snapshot`) or a restore of a state's ``leaves``."""
-    _restored.clear()
     if saving:
         snapshot(leaves)
     else:
-        _group.clear()
-        _snapshot.clear()
+        _SESSION.set(_Session())
 
 
 def snapshot(leaves: list[Any]) -> None:
@@ -115,17 +132,18 @@ def snapshot(leaves: list[Any]) -> None:
     """
     from runstate.rng import RNG
 
-    _snapshot.clear()
-    _rng_saved[0] = any(isinstance(x, RNG) for x in leaves)
+    session = _Session(rng_saved=any(isinstance(x, RNG) for x in leaves))
     group = [x for x in leaves if isinstance(x, (_owned_iterator(), tf.random.Generator))]
     # A Stateful whose state_dict reads an iterator (runstate.keras.Checkpoint's input position)
     # names it, so that it is read with the generators too (:func:`snapshot_iterator_state`).
     hooked = (getattr(x, "runstate_tf_iterator", None) for x in leaves)
     group.extend(x for x in hooked if isinstance(x, _owned_iterator()))
-    _group[:] = [weakref.ref(x) for x in group] if any(isinstance(x, _owned_iterator()) for x in group) else []
+    if any(isinstance(x, _owned_iterator()) for x in group):
+        session.group = [weakref.ref(x) for x in group]
+    _SESSION.set(session)
 
 
-def _read_together(objs: list[Any], *, attempts: int = 200) -> None:
+def _read_together(session: _Session, objs: list[Any], *, attempts: int = 200) -> None:
     """Serialize the iterators, read the generators, serialize the iterators again, until
     nothing moved in between (background stages stop when their buffers are full).
 
@@ -138,7 +156,7 @@ def _read_together(objs: list[Any], *, attempts: int = 200) -> None:
     for it in (x for x in objs if isinstance(x, _owned_iterator())):
         try:  # an iterator that cannot be saved raises when it is encoded, not when a generator is
             _iterator_value(it)  # its own checks first
-            _check_generators_saved(it, generators)
+            _check_generators_saved(it, generators, rng_saved=session.rng_saved)
             iterators.append(it)
         except UnsupportedTypeError as exc:
             failed[id(it)] = (it, exc)
@@ -157,17 +175,18 @@ def _read_together(objs: list[Any], *, attempts: int = 200) -> None:
                 "tf.random.Generators; save from the thread that draws from the iterators"
             )
     for obj, value in [*zip(iterators, after, strict=True), *zip(generators, gens, strict=True)]:
-        _snapshot[id(obj)] = (obj, value)
-    _snapshot.update(failed)
+        session.values[id(obj)] = (obj, value)
+    session.values.update(failed)
 
 
 def _taken(obj: Any) -> Any:
     """The value of ``obj`` read with the rest of its group, or None when it is in none."""
-    if _group and any(ref() is obj for ref in _group):
-        objs = [x for x in (ref() for ref in _group) if x is not None]
-        _group.clear()
-        _read_together(objs)
-    found = _snapshot.pop(id(obj), None)
+    session = _session()
+    if session.group and any(ref() is obj for ref in session.group):
+        objs = [x for x in (ref() for ref in session.group) if x is not None]
+        session.group = []
+        _read_together(session, objs)
+    found = session.values.pop(id(obj), None)
     if found is None or found[0] is not obj:
         return None
     if isinstance(found[1], UnsupportedTypeError):
@@ -194,7 +213,7 @@ def _drawn_handles(iterator: Any) -> list[tuple[Any, str]]:
     return out
 
 
-def _check_generators_saved(iterator: Any, generators: list[Any]) -> None:
+def _check_generators_saved(iterator: Any, generators: list[Any], *, rng_saved: bool) -> None:
     """Refuse an iterator whose ``map`` draws from a ``tf.random.Generator`` the save leaves out.
 
     Raises:
@@ -204,7 +223,7 @@ def _check_generators_saved(iterator: Any, generators: list[Any]) -> None:
 
     saved = [g.state.handle for g in generators]
     glob = stateful_random_ops.global_generator
-    if _rng_saved[0] and glob is not None:
+    if rng_saved and glob is not None:
         saved.append(glob.state.handle)
     for handle, op in _drawn_handles(iterator):
         if not any(handle is h for h in saved):
@@ -268,7 +287,7 @@ def resume_iterator(iterator: Any, state: np.ndarray) -> None:
     """
     set_iterator_state(iterator, state)
     # The restored iterator starts its threads at its first element.
-    for gen, gen_state in _restored:
+    for gen, gen_state in _session().restored:
         gen.state.assign(gen_state)
 
 
@@ -292,7 +311,7 @@ def _generator_set(gen: Any, state: dict[str, Any]) -> None:
             f"a tf.random.Generator of algorithm {state['algorithm']} is stored, the live one uses {int(gen.algorithm)}"
         )
     gen.state.assign(state["state"])
-    _restored.append((gen, state["state"]))
+    _session().restored.append((gen, state["state"]))
 
 
 def _variable_set(var: Any, state: Any) -> None:
