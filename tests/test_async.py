@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -37,22 +37,23 @@ def test_values_changed_after_save_returns_do_not_leak(tmp_path: Path) -> None:
 
 
 def test_one_save_in_flight_and_the_next_save_waits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = parts_module.write_part
+    # Events, not time bounds: the test must not depend on how loaded the machine is.
+    real, release = parts_module.write_part, threading.Event()
 
-    def slow(*args, **kwargs):
-        time.sleep(0.5)
+    def blocked(*args, **kwargs):
+        assert release.wait(30), "the test never released the writer"
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(parts_module, "write_part", slow)
+    monkeypatch.setattr(parts_module, "write_part", blocked)
     with runstate.CheckpointManager(tmp_path, async_save=True, keep_last=None) as mgr:
-        t0 = time.monotonic()
-        mgr.save(1, big_state())
-        assert time.monotonic() - t0 < 0.4  # returned before the write finished
-        assert mgr.last_blocking_seconds < 0.4
+        mgr.save(1, big_state())  # returns although the write of step 1 cannot finish yet
         assert mgr.steps() == []  # not committed yet
+        timer = threading.Timer(0.3, release.set)
+        timer.start()
         mgr.save(2, big_state(2.0))
-        assert time.monotonic() - t0 >= 0.5  # waited for step 1
+        assert release.is_set()  # save(2) waited for step 1, which needed the release
         assert mgr.steps() == [1]
+        timer.join()
     assert runstate.CheckpointManager(tmp_path).steps() == [1, 2]  # close() waited for step 2
 
 
