@@ -30,11 +30,15 @@ test: lint typecheck
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not e2e" --ignore=tests/test_loader_matrix.py tests
 
-# Speed, memory and scale figures (docs/performance.md): about 5-9 minutes on 2 cores.
+# Speed, memory and scale figures (docs/performance.md), ending with issue 20's TARGETS table (each run's
+# ratios go to .bench-tmp/targets-history.jsonl; the table pools the last 3 runs) and docs/perf-scale.png.
+# About 10-15 minutes on 2 idle cores (estimated, not timed); far longer on a loaded machine: at load average 8-9,
+# save_load.py alone took 8-10 minutes and scale.py (up to 4 GiB: ~9 GiB of RAM, ~8 GiB of disk) 14.
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
-# The same scripts at small sizes with few repetitions: a smoke run of about 3-4 minutes.
+# The same scripts at small sizes with few repetitions, docs/perf-scale.png left alone: a smoke run
+# (save_load.py 80 s and scale.py 210 s of it at load average 8).
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick
 

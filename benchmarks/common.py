@@ -466,3 +466,24 @@ def write_json(path: str | None, data: dict[str, Any]) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(data, f, indent=1)
+
+
+@contextlib.contextmanager
+def output_to(path: str) -> Iterator[None]:
+    """File descriptors 1 and 2 go to ``path`` meanwhile (what a process spawned now inherits:
+    DCP's checkpoint process logs every request at INFO)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)

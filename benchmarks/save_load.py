@@ -14,7 +14,20 @@ saves (all durable: the file(s) and their directory are fsynced)
     runstate async   ``CheckpointManager(async_save=True).save(...)``: the time ``save()``
                      blocks (and of it, the snapshot: ``mgr.last_blocking_seconds``), and the
                      total until ``mgr.wait()`` returns; the manager is warm (its snapshot
-                     buffers exist) except in the "first save" row
+                     buffers exist) except in the "first save" rows (a fresh manager, and
+                     one after ``mgr.warmup(state)`` where the manager has it)
+    DCP async        ``torch.distributed.checkpoint.async_save`` of ``get_state_dict(model, opt)``
+                     (FileSystemWriter, ``sync_files=True``; the directory fsynced after), in
+                     DCP's two modes: thread (its default: a fresh ``DefaultStager`` per call,
+                     staging synchronously into new memory) and process (the way torchtitan's
+                     ``async_with_pinned_mem`` calls it: one ``DefaultStager`` kept across saves,
+                     shared-memory staging in a background thread; pinned memory and
+                     non-blocking copies need an accelerator, so on a CPU-only machine they are
+                     off). "blocks" is until the state may change again: ``async_save`` returned
+                     and, with background staging, ``staging_completion`` is done. The process
+                     mode needs a process group when its checkpoint process starts: a
+                     single-process gloo group is created for its first save and destroyed
+                     right after, so every other row runs without one, as a single-process job does
 
 the async reference (in memory, no I/O)
     clone            ``[t.clone() for t in tensors]``: a fresh copy of every tensor
@@ -39,20 +52,24 @@ end with glibc set to map every big buffer freshly.
     python benchmarks/save_load.py            # ~0.75 GiB state, about 2-3 minutes
     python benchmarks/save_load.py --quick    # ~0.1 GiB state, CI smoke run
     python benchmarks/save_load.py --gib 2 --reps 5 --dir /mnt/nvme/tmp --json out.json
+    python benchmarks/save_load.py --no-dcp-process   # skip DCP's process mode (spawns a process)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import inspect
 import os
+import socket
 import sys
 import time
 import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from common import (
     GIB,
@@ -69,6 +86,7 @@ from common import (
     malloc_trim,
     measure_peak_rss,
     op_record,
+    output_to,
     pin_malloc_mmap_threshold,
     print_machine,
     print_table,
@@ -87,7 +105,9 @@ from common import (
 )
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
 # DCP says once per call that it runs without a process group: that is the intent here.
 warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
@@ -166,9 +186,18 @@ class AsyncSaver:
         self.clean()
 
 
-def first_async_save(run_dir: str, state: dict[str, Any]) -> tuple[float, float, float]:
-    """A fresh manager's first async save (its snapshot buffers are allocated): blocking, snapshot, total."""
+def first_async_save(run_dir: str, state: dict[str, Any], *, warm: bool = False) -> tuple[float, float, float, float]:
+    """A fresh manager's first async save: blocking, snapshot, total, and the untimed ``warmup`` before it.
+
+    Without ``warm`` the save allocates the snapshot buffers; with it, ``mgr.warmup(state)`` runs
+    first (its seconds are the fourth figure) and the save only copies.
+    """
     with runstate.CheckpointManager(run_dir, async_save=True, keep_last=None) as mgr:
+        warmup_s = 0.0
+        if warm:
+            w0 = time.perf_counter()
+            mgr.warmup(state)
+            warmup_s = time.perf_counter() - w0
         t0 = time.perf_counter()
         mgr.save(1, state, force=True)
         blocking = time.perf_counter() - t0
@@ -176,7 +205,134 @@ def first_async_save(run_dir: str, state: dict[str, Any]) -> tuple[float, float,
         total = time.perf_counter() - t0
         snapshot = mgr.last_blocking_seconds
     remove(run_dir)
-    return blocking, snapshot, total
+    return blocking, snapshot, total, warmup_s
+
+
+def has_warmup() -> bool:
+    return callable(getattr(runstate.CheckpointManager, "warmup", None))
+
+
+class DcpAsyncSaver:
+    """``torch.distributed.checkpoint.async_save`` of one model and optimizer, step 1, 2, 3...
+
+    ``process=False``: DCP's default, thread mode with a fresh ``DefaultStager`` per call (staging
+    synchronously into new memory). ``process=True``: process mode with one ``DefaultStager``
+    kept across saves (shared memory, staging in a background thread), as torchtitan's
+    ``async_with_pinned_mem`` does minus what needs an accelerator (pinned memory,
+    non-blocking copies). Each call saves, records how long the state was held (until
+    ``async_save`` returned and staging completed), waits for the upload, and fsyncs the
+    checkpoint's directory and its parent (DCP fsyncs its files, ``sync_files=True``).
+    """
+
+    def __init__(self, run_dir: str, model: nn.Module, opt: torch.optim.Optimizer, *, process: bool) -> None:
+        self.run_dir = run_dir
+        self.model = model
+        self.opt = opt
+        self.process = process
+        os.makedirs(run_dir, exist_ok=True)
+        self.stager = (
+            DefaultStager(StagingOptions(False, True, True, False))  # pinned, shared, async staging, non-blocking
+            if process
+            else None
+        )
+        self.step = 0
+        self.blocking: list[float] = []
+
+    def clean(self) -> None:
+        for name in os.listdir(self.run_dir):
+            remove(os.path.join(self.run_dir, name))
+
+    def __call__(self) -> float:
+        """Save one step; returns the seconds the state was held."""
+        self.step += 1
+        path = os.path.join(self.run_dir, f"step-{self.step}")
+        t0 = time.perf_counter()
+        msd, osd = get_state_dict(self.model, self.opt)
+        kind = AsyncCheckpointerType.PROCESS if self.process else AsyncCheckpointerType.THREAD
+        if self.stager is not None:
+            response = dcp.async_save(
+                {"model": msd, "optim": osd}, checkpoint_id=path, async_checkpointer_type=kind, async_stager=self.stager
+            )
+        else:
+            response = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=path, async_checkpointer_type=kind)
+        if isinstance(response, AsyncSaveResponse):
+            response.staging_completion.result()
+            upload = response.upload_completion
+        else:
+            upload = response
+        held = time.perf_counter() - t0
+        self.blocking.append(held)
+        upload.result()
+        fsync_dir(path)
+        fsync_dir(self.run_dir)
+        return held
+
+    def close(self) -> None:
+        if self.stager is not None:
+            self.stager.close()
+        self.clean()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_dcp_process(saver: DcpAsyncSaver, log: str) -> tuple[float, float]:
+    """DCP's first process-mode save, which spawns its checkpoint process: (held, total) seconds.
+
+    The checkpoint process reads the rank and world size of a process group when it starts, so
+    a single-process gloo group exists for this save only; later saves go to the running
+    checkpoint process and need none (DCP only asks for the group when it has no process yet).
+    """
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with output_to(log):
+            t0 = time.perf_counter()
+            held = saver()
+            total = time.perf_counter() - t0
+    finally:
+        dist.destroy_process_group()
+    saver.clean()
+    return held, total
+
+
+def dcp_process_pid() -> int | None:
+    """The pid of DCP's checkpoint process (a private global of torch), None when unknown."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    proc = getattr(getattr(executor, "_CHECKPOINT_PROCESS", None), "_save_process", None)
+    return getattr(proc, "pid", None)
+
+
+def proc_status_kib(pid: int, key: str) -> int | None:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def peak_with_child(run: Any, pid: int | None) -> tuple[int, int | None]:
+    """Bytes this process's and ``pid``'s resident memory rose during ``run()`` (child: None if unknown).
+
+    Shared memory counts in both processes' resident memory once each touched it.
+    """
+    child0 = None
+    if pid is not None:
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+            child0 = proc_status_kib(pid, "VmRSS")
+        except OSError:
+            child0 = None
+    mine = peak_of(run)
+    child = None
+    if pid is not None and child0 is not None:
+        child = max(0, (proc_status_kib(pid, "VmHWM") or 0) - child0) * 1024
+    return mine, child
 
 
 def peak_of(run: Any) -> int:
@@ -200,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="measured runs per operation (default 5, --quick 3)")
     parser.add_argument("--dir", default=None, help="scratch directory on the disk to test (default ROOT/.bench-tmp)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-page-cache loads")
+    parser.add_argument("--no-dcp-process", action="store_true", help="skip DCP's async save in process mode")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     gib = args.gib if args.gib is not None else (0.1 if args.quick else 0.75)
@@ -235,9 +392,28 @@ def main(argv: list[str] | None = None) -> int:
         state = {"model": model, "optimizer": opt}
         saver = AsyncSaver(os.path.join(work, "async-run"), state)
         first = first_async_save(os.path.join(work, "async-first"), state)
+        first_warm = first_async_save(os.path.join(work, "async-first"), state, warm=True) if has_warmup() else None
         saver()  # warm: the manager's snapshot buffers now exist
         saver.blocking.clear()
         saver.snapshot.clear()
+        dcp_thread = DcpAsyncSaver(os.path.join(work, "dcp-async-thread"), model, opt, process=False)
+        dcp_proc = (
+            None
+            if args.no_dcp_process
+            else DcpAsyncSaver(os.path.join(work, "dcp-async-process"), model, opt, process=True)
+        )
+        dcp_first: tuple[float, float] | None = None
+        if dcp_proc is not None:
+            try:
+                dcp_first = start_dcp_process(dcp_proc, os.path.join(work, "dcp-process.log"))
+            except (RuntimeError, OSError, AssertionError) as exc:  # no loopback gloo group here, ...
+                print(f"DCP async process mode skipped: {type(exc).__name__}: {exc}")
+                dcp_proc.close()
+                dcp_proc = None
+        if dcp_proc is not None:
+            dcp_proc()  # its staging buffers exist since the first save; one more, as for runstate
+            dcp_proc.clean()
+            dcp_proc.blocking.clear()
         buffers = [torch.empty_like(t) for t in tensors]
 
         def copy_into_buffers() -> None:
@@ -254,17 +430,42 @@ def main(argv: list[str] | None = None) -> int:
             Op("torch.distributed.checkpoint.save", lambda: dcp_save(p_dcp, model, opt), p_dcp),
             Op("runstate.save (sync)", lambda: runstate.save(p_rs, state, step=1), p_rs),
             async_total,
+            Op("DCP async, thread: save to durable", dcp_thread, clear=dcp_thread.clean),
         ]
+        if dcp_proc is not None:
+            saves.append(Op("DCP async, process: save to durable", dcp_proc, clear=dcp_proc.clean))
         run_saves([*saves, clone, copy_op], reps)  # round-robin: saves and in-memory copies interleaved
         async_block = Op("runstate async: save() blocks", lambda: None)
         async_block.seconds = list(saver.blocking)
         async_snap = Op("  of which snapshot (last_blocking_s)", lambda: None)
         async_snap.seconds = list(saver.snapshot)
+        dcp_blocks = [Op("DCP async, thread: blocks", lambda: None)]
+        dcp_blocks[0].seconds = list(dcp_thread.blocking)
+        if dcp_proc is not None:
+            dcp_blocks.append(Op("DCP async, process: blocks (+staging)", lambda: None))
+            dcp_blocks[1].seconds = list(dcp_proc.blocking)
         first_ops = []
-        for label, value in zip(("first async save(): blocks", "  of which snapshot", "  save() to wait()"), first):
+        labels = ("first async save(): blocks", "  of which snapshot", "  save() to wait()")
+        for label, value in zip(labels, first):
             op = Op(label, lambda: None, note="(1 run, fresh manager)")
             op.seconds = [value]
             first_ops.append(op)
+        if first_warm is not None:
+            warm_labels = (
+                "first save after warmup(): blocks",
+                "  of which snapshot (warm)",
+                "  save() to wait() (warm)",
+            )
+            for label, value in zip(warm_labels, first_warm):
+                op = Op(label, lambda: None)
+                op.note = f"(1 run; warmup took {first_warm[3]:.3f} s before it)"
+                op.seconds = [value]
+                first_ops.append(op)
+        if dcp_first is not None:
+            for label, value in zip(("DCP process, first: blocks", "  save to durable"), dcp_first):
+                op = Op(label, lambda: None, note="(1 run: spawns its process)")
+                op.seconds = [value]
+                first_ops.append(op)
 
         # sanity: runstate and DCP restore exactly what was saved
         runstate.load(p_rs, {"model": model2, "optimizer": opt2})
@@ -306,16 +507,28 @@ def main(argv: list[str] | None = None) -> int:
         if track_rss:  # last: it changes malloc settings for the rest of the process
             pin_malloc_mmap_threshold()
             measure_peak_rss(saves)
-            first_ops[-1].peaks.append(peak_of(lambda: first_async_save(os.path.join(work, "async-first"), state)))
+            if dcp_proc is not None:  # DCP's checkpoint process: its own memory, measured on one more save
+                dcp_proc.clean()
+                pid = dcp_process_pid()
+                _, child = peak_with_child(dcp_proc, pid)
+                if child is not None and pid is not None:
+                    resident = (proc_status_kib(pid, "VmRSS") or 0) / 1024
+                    saves[-1].note = f"DCP's checkpoint process: +{child / MIB:.0f} MiB, {resident:.0f} MiB resident"
+            first_ops[2].peaks.append(peak_of(lambda: first_async_save(os.path.join(work, "async-first"), state)))
             measure_peak_rss([clone])
             measure_peak_rss(warm_loads)
         saver.close()
+        dcp_thread.close()
+        if dcp_proc is not None:
+            dcp_proc.close()
 
         raw = saves[0]
-        print_table("SAVE (durable: files + directory fsynced)", [*saves, async_block, async_snap], nbytes, raw)
+        print_table(
+            "SAVE (durable: files + directory fsynced)", [*saves, async_block, async_snap, *dcp_blocks], nbytes, raw
+        )
         print_table(
             "ASYNC SAVE vs in-memory copies of the state (no I/O)",
-            [clone, copy_op, async_block, async_snap, *first_ops],
+            [clone, copy_op, async_block, async_snap, *dcp_blocks, *first_ops],
             nbytes,
             clone,
             ref_label="vs clone",
@@ -331,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
             f"\n  (one extra untimed run per operation, warm cache, every buffer >= 1 MiB freshly mapped; state "
             f"= {nbytes / MIB:.0f} MiB);"
             "\n  the async row is a warm manager (buffers reused); the first-save row allocates its buffers."
+            "\nDCP async blocks = until async_save returned and staging completed (the state may change again);"
+            "\n  its process mode stages in a background thread into shared memory kept across saves."
             "\nlazy mmap = safetensors' default: tensors map the file and no byte is read until used."
         )
         if not track_rss:
@@ -344,8 +559,12 @@ def main(argv: list[str] | None = None) -> int:
                 "tensors": len(tensors),
                 "reps": reps,
                 "cold": cold_reason is None,
-                "save": {op.name: op_record(op, nbytes, raw) for op in [*saves, async_block, async_snap]},
-                "async": {op.name: op_record(op, nbytes, clone) for op in [clone, copy_op, *first_ops]},
+                "save": {op.name: op_record(op, nbytes, raw) for op in [*saves, async_block, async_snap, *dcp_blocks]},
+                "async": {
+                    op.name: op_record(op, nbytes, clone)
+                    for op in [clone, copy_op, async_block, *dcp_blocks, *first_ops]
+                },
+                "warmup": has_warmup(),
                 "load_cold": {op.name: op_record(op, nbytes, cold_loads[0]) for op in cold_loads},
                 "load_warm": {op.name: op_record(op, nbytes, warm_loads[0]) for op in warm_loads},
             },

@@ -6,6 +6,7 @@ async saves and CheckpointManager restores; checkpoints without compression unch
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -497,3 +498,146 @@ def test_a_piece_is_exactly_one_frame() -> None:
         else:
             with pytest.raises(DecodeError, match="unused data"):
                 list(decode)
+
+
+# --------------------------------------------------------------------------- the Packer: threads, buffers, skips
+
+
+def _tensors_of_every_kind() -> list[tuple[np.ndarray, str, tuple[int, ...]]]:
+    """Raw bytes of float, int and noise tensors, several 64 KiB chunks each, the last one short."""
+    rng = np.random.default_rng(3)
+    f32 = (rng.standard_normal(70_001) * 0.01).astype(np.float32)
+    arrays: list[tuple[np.ndarray, str]] = [
+        (f32, "F32"),
+        (f32[:50_000].astype(np.float16), "F16"),
+        (f32.astype(np.float64)[:30_000], "F64"),
+        (rng.integers(-5, 5, 40_000), "I64"),
+        (rng.integers(0, 256, 200_000, dtype=np.uint8), "U8"),  # noise: stored as is
+        (np.zeros(100_000, np.int32), "I32"),
+    ]
+    return [(a.reshape(-1).view(np.uint8), code, a.shape) for a, code in arrays]
+
+
+def _packed(options: Compression) -> list[tuple[Packing, bytes]]:
+    from runstate.format.compress import Packer
+
+    out = []
+    with Packer(options) as packer:
+        for data, code, shape in _tensors_of_every_kind():
+            pieces: list[bytes] = []
+
+            def keep(piece: Any, pieces: list[bytes] = pieces) -> None:
+                pieces.append(bytes(piece))  # a piece is valid only during the call
+
+            packing = packer.compress(data, code, shape, keep)
+            out.append((packing, b"".join(pieces)))
+    return out
+
+
+def test_threads_do_not_change_the_bytes() -> None:
+    """Chunks compressed by 1, 2 or 5 threads give the same pieces in the same order."""
+    one = _packed(dataclasses.replace(SMALL, threads=1))
+    assert [p.filter for p, _ in one] == ["bytegroup"] * 3 + ["none"] * 3
+    assert _packed(dataclasses.replace(SMALL, threads=2)) == one
+    assert _packed(dataclasses.replace(SMALL, threads=5)) == one
+    tensors = [
+        (f"t{i}", NumpyCodec().to_blob(d.view(np.uint8), f"t{i}"))
+        for i, (d, _c, _s) in enumerate(_tensors_of_every_kind())
+    ]
+    files = []
+    for threads in (1, 3):
+        f = io.BytesIO()
+        write_safetensors(f, tensors, {}, compression=dataclasses.replace(SMALL, threads=threads))  # type: ignore[arg-type]
+        files.append(f.getvalue())
+    assert files[0] == files[1]
+
+
+def test_a_piece_that_does_not_compress_is_stored_after_a_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mantissa noise is judged on a 16 KiB sample and stored as is; the exponent plane is compressed."""
+    from runstate.format import compress
+
+    seen: list[int] = []
+    real = compress._compressor
+
+    class Spy:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def compress(self, data: Any) -> bytes:
+            seen.append(len(memoryview(data)))
+            return bytes(self.inner.compress(data))
+
+    monkeypatch.setattr(compress, "_compressor", lambda *a: Spy(real(*a)))
+    data = np.random.default_rng(0).standard_normal(256 * 1024).astype(np.float32).view(np.uint8)  # 4 chunks
+    options = Compression(chunk_bytes=256 * 1024, threads=1)
+    with compress.Packer(options) as packer:
+        packing = packer.compress(data, "F32", (256 * 1024,), lambda p: None)
+    plane = 64 * 1024
+    for c in range(4):
+        noise, exponent = packing.chunks[4 * c : 4 * c + 3], packing.chunks[4 * c + 3]
+        assert noise == (plane, plane, plane) and exponent < plane / 2
+    # per chunk: a sample of each noise plane, then the exponent plane's sample and the whole plane
+    assert seen == ([compress.SAMPLE_BYTES] * 4 + [plane]) * 4
+
+
+def test_one_packer_reuses_its_threads_contexts_and_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file of many tensors creates a few zstd contexts and chunk buffers, not one per chunk."""
+    import threading
+
+    from runstate.format import compress
+
+    made: list[bool] = []
+    real = compress._compressor
+
+    def counted(zstd: Any, level: int, planes: bool) -> Any:
+        made.append(planes)
+        return real(zstd, level, planes)
+
+    monkeypatch.setattr(compress, "_compressor", counted)
+    data = np.random.default_rng(0).standard_normal(64 * 1024).astype(np.float32).view(np.uint8)  # 4 chunks of 64 KiB
+    ints = np.arange(64 * 1024, dtype=np.int32).view(np.uint8)
+    options = dataclasses.replace(SMALL, threads=3)
+    with compress.Packer(options) as packer:
+        for _ in range(20):
+            packer.compress(data, "F32", (64 * 1024,), lambda p: None)
+            packer.compress(ints, "I32", (64 * 1024,), lambda p: None)
+        assert packer.window == 4 and packer.buffers_made <= packer.window
+        assert len(made) <= 2 * 3  # one context per thread and kind
+    assert not [t for t in threading.enumerate() if t.name.startswith("runstate-zstd")]
+
+
+def test_a_failing_write_stops_the_threads_and_raises() -> None:
+    """A write that fails (disk full) mid-tensor propagates; no compression thread is left behind."""
+    import threading
+
+    class Full(io.BytesIO):
+        def write(self, b: Any) -> int:
+            if self.tell() > 200_000:
+                raise OSError(28, "No space left on device")
+            return super().write(b)
+
+    data = np.random.default_rng(0).standard_normal(500_000).astype(np.float32)
+    blob = NumpyCodec().to_blob(data, "w")
+    with pytest.raises(OSError, match="No space left"):
+        write_safetensors(Full(), [("w", blob)], {}, compression=dataclasses.replace(SMALL, threads=4))  # type: ignore[arg-type]
+    assert not [t for t in threading.enumerate() if t.name.startswith("runstate-zstd")]
+
+
+def test_compressing_a_large_tensor_holds_a_few_chunks() -> None:
+    """Memory while compressing stays a few chunks (buffers and frames), whatever the tensor's size."""
+    import tracemalloc
+
+    from runstate.format.compress import Packer
+
+    data = (
+        (np.random.default_rng(0).standard_normal(4 * 1024 * 1024) * 1e-3).astype(np.float32).view(np.uint8)
+    )  # 16 MiB
+    tracemalloc.start()
+    try:
+        with Packer(dataclasses.replace(SMALL, threads=4)) as packer:
+            packer.compress(data, "F32", (data.size // 4,), lambda p: None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 64 * 1024, peak  # 256 chunks of 64 KiB; at most 5 in flight
+

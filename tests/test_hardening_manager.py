@@ -133,6 +133,31 @@ def test_a_failed_async_save_is_reported_at_exit(tmp_path: Path, outcome: str) -
     assert "exiting with status 1" in err and steps == [1]
 
 
+EXIT_COMPRESSED = """
+    import sys, time, numpy as np, runstate, runstate._impl.parts as m
+    real = m.write_part
+    def late(*args, **kwargs):  # the script has ended before the tensor file is compressed
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+    m.write_part = late
+    mgr = runstate.CheckpointManager(sys.argv[1], async_save=True, compression="zstd")
+    mgr.save(1, {"w": np.linspace(0, 1, 4 << 20, dtype=np.float32)})  # 16 MiB: 16 chunks on the threads
+    print("end of script", flush=True)
+"""
+
+
+def test_a_compressed_async_save_in_flight_at_exit_is_committed(tmp_path: Path) -> None:
+    """concurrent.futures refuses new work at interpreter exit before runstate's exit hook
+    finishes the save in flight: the compression threads must not be needed then."""
+    proc = spawn(EXIT_COMPRESSED, str(tmp_path))
+    out, err = proc.communicate(timeout=180)
+    assert out == "end of script\n"
+    assert proc.returncode == 0 and "ERROR" not in err, err
+    assert runstate.CheckpointManager(tmp_path, read_only=True).steps() == [1]
+    restored = runstate.load(tmp_path / "step-000000000001")["w"]
+    assert np.array_equal(restored, np.linspace(0, 1, 4 << 20, dtype=np.float32))
+
+
 # -- 13.2: cleanup while an async save is in flight -----------------------------------------------
 
 

@@ -476,10 +476,58 @@ def test_readme_example_runs_as_printed(tmp_path: Path) -> None:
     assert second.returncode == 0 and second.stdout.split()[0] == "6", second.stdout  # resumed after step 5
 
 
-def test_incremental_with_compression_is_refused(tmp_path: Path) -> None:
-    pytest.importorskip("zstandard")
-    with pytest.raises(runstate.CheckpointConfigError, match="compression"):
-        runstate.CheckpointManager(tmp_path / "r", incremental=True, compression="zstd")
+def test_the_collection_rereads_a_manifest_changed_on_disk(tmp_path: Path) -> None:
+    """The writer remembers which blobs each manifest lists (keyed by the manifest's bytes, so
+    that a collection after every save decodes nothing it has seen): a manifest edited while
+    the manager is open is read again, and the blob it now lists is kept."""
+    from runstate._impl.incremental import BlobReferences
+
+    run = tmp_path / "run"
+    model, opt = _model()
+    with runstate.CheckpointManager(run, keep_last=2, incremental=True) as mgr:
+        for step in (1, 2):
+            _train(model, opt)
+            mgr.save(step, {"model": model, "optimizer": opt})
+        step2 = run / "step-000000000002"
+        raw = (step2 / "manifest.json").read_bytes()
+        refs = mgr._incremental.references  # type: ignore[union-attr]
+        # what the commit told it is what decoding the manifest gives
+        assert refs.listed(step2.name, raw, "m") == BlobReferences().listed(step2.name, raw, "m")
+        assert refs.listed(step2.name, raw, "m") == set(_manifest(step2)["blobs"])
+        stray = run / "blobs" / "000000000099-0123abcd-model.safetensors"
+        shutil.copy(run / "blobs" / next(iter(_blobs(run))), stray)
+        body = _manifest(step2)
+        body["blobs"][stray.name] = {"nbytes": stray.stat().st_size}
+        body.pop("checksum")
+        body["checksum"] = _canonical_checksum(body)
+        (step2 / "manifest.json").write_text(json.dumps(body))
+        _train(model, opt)
+        mgr.save(3, {"model": model, "optimizer": opt})  # deletes step 1, collects
+        assert mgr.steps() == [2, 3] and stray.exists()
+        assert _blobs(run) == _referenced(run)
+        (step2 / "manifest.json").write_bytes(raw)  # negative control: no longer listed, removed
+        _train(model, opt)
+        mgr.save(4, {"model": model, "optimizer": opt})
+        assert not stray.exists() and _blobs(run) == _referenced(run)
+
+
+def test_blob_listing_of_manifests_nothing_can_be_known_about(tmp_path: Path) -> None:
+    """A manifest of a newer format, or naming a feature this runstate does not know, or not
+    JSON: its blobs are unknown, so no collection removes anything (None)."""
+    from runstate._impl.incremental import BlobReferences
+
+    run = tmp_path / "run"
+    model, _ = _model()
+    with runstate.CheckpointManager(run, keep_last=None, incremental=True) as mgr:
+        mgr.save(1, {"model": model})
+    body = _manifest(run / "step-000000000001")
+    refs = BlobReferences()
+    assert refs.listed("a", json.dumps(body).encode(), "m") == set(body["blobs"])
+    assert refs.listed("b", json.dumps({**body, "format_version": 3}).encode(), "m") is None
+    assert refs.listed("c", json.dumps({**body, "requires": ["blobs", "future"]}).encode(), "m") is None
+    assert refs.listed("d", b"{not json", "m") is None
+    damaged = json.dumps({**body, "checksum": "0" * 16}).encode()  # the names in its bytes still count
+    assert refs.listed("e", damaged, "m") == set(body["blobs"])
 
 
 class _TwoProcesses:
@@ -613,3 +661,80 @@ def test_a_damaged_blob_of_the_base_is_written_again_after_a_failed_read_back(tm
         mgr.save(3, {"model": model, "optimizer": opt}, verify=True)
         assert mgr._incremental.last.reused_bytes == 0  # type: ignore[union-attr]
     assert runstate.verify(run / "step-000000000003").ok
+
+
+def test_the_blob_area_is_durable_before_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blob area's fsync runs while the manifest is built, but the commit waits for it;
+    a failed fsync commits nothing, and the next save writes every tensor again."""
+    import errno
+    import threading
+    import time
+
+    from runstate.storage.local import LocalStaging, LocalStore
+
+    events: list[str] = []
+    fail = threading.Event()
+    real_sync, real_commit = LocalStore.sync_blobs, LocalStaging.commit
+
+    def slow_sync(self: LocalStore) -> None:
+        time.sleep(0.3)
+        if fail.is_set():
+            events.append("sync failed")
+            raise OSError(errno.EIO, "injected")
+        real_sync(self)
+        events.append("synced")
+
+    def commit(self: LocalStaging, manifest: bytes) -> str:
+        events.append("commit")
+        return real_commit(self, manifest)
+
+    monkeypatch.setattr(LocalStore, "sync_blobs", slow_sync)
+    monkeypatch.setattr(LocalStaging, "commit", commit)
+    run = tmp_path / "run"
+    model, opt = _model()
+    with runstate.CheckpointManager(run, keep_last=None, incremental=True) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt})
+        assert events == ["synced", "commit"]
+        fail.set()
+        _train(model, opt)
+        with pytest.raises(runstate.CheckpointWriteError, match="nothing was committed") as raised:
+            mgr.save(2, {"model": model, "optimizer": opt})
+        assert raised.value.errno == errno.EIO and events[2:] == ["sync failed"] and mgr.steps() == [1]
+        fail.clear()
+        mgr.save(2, {"model": model, "optimizer": opt})
+        assert mgr._incremental.last.reused_bytes == 0  # type: ignore[union-attr]  # the base forgotten
+    assert runstate.verify(run / "step-000000000002").ok
+
+
+def test_a_save_goes_on_when_no_thread_can_be_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blob area's fsync runs in a thread of its own; where none can be started (a thread
+    limit, or Python 3.12.0-3.12.2 finishing an async save at interpreter exit) it runs inline."""
+    import threading
+    import types
+
+    from runstate._impl import incremental as incremental_module
+
+    class NoThread(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(incremental_module, "threading", types.SimpleNamespace(Thread=NoThread))
+    with runstate.CheckpointManager(tmp_path, incremental=True, keep_last=None) as mgr:
+        mgr.save(1, {"m": {"w": torch.ones(1000), "b": torch.zeros(10)}})
+        mgr.save(2, {"m": {"w": torch.ones(1000), "b": torch.ones(10)}})
+    assert runstate.CheckpointManager(tmp_path, read_only=True).steps() == [1, 2]
+    assert torch.equal(runstate.load(tmp_path / "step-000000000002")["m"]["b"], torch.ones(10))
+
+
+def test_copy_refuses_the_name_of_another_step(tmp_path: Path) -> None:
+    """A copy of step 1 named step-...9 inside the run would pass for step 9 and be restored as
+    the newest step; named after its own step (or anything else) it is fine."""
+    run = tmp_path / "run"
+    with runstate.CheckpointManager(run, keep_last=None, incremental=True) as mgr:
+        mgr.save(1, {"m": {"w": torch.ones(10)}})
+    proc = _cli("copy", run / "step-000000000001", run / "step-000000000009")
+    assert proc.returncode != 0 and "would pass for that step" in proc.stderr, proc.stderr
+    assert not (run / "step-000000000009").exists()
+    assert runstate.CheckpointManager(run, read_only=True).steps() == [1]
+    proc = _cli("copy", run / "step-000000000001", tmp_path / "step-000000000001")  # its own step
+    assert proc.returncode == 0, proc.stderr

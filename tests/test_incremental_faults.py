@@ -109,13 +109,15 @@ def _check(run: Path, lib: str, promised: int | None, problems: list[str], what:
     return steps[-1]
 
 
-def _trials(run: Path, lib: str, plans: list[tuple[str, int, str] | None], seed: int) -> Counter[str]:
+def _trials(
+    run: Path, lib: str, plans: list[tuple[str, int, str] | None], seed: int, *, codec: str = ""
+) -> Counter[str]:
     rnd = random.Random(seed)
     problems: list[str] = []
     seen: Counter[str] = Counter()
     newest: int | None = None
     for i, plan in enumerate(plans):
-        acked = _run_saver(run, lib, plan, rnd)
+        acked = _run_saver(run, f"{lib}+{codec}" if codec else lib, plan, rnd)
         what = f"trial {i} ({plan or 'random'}, acked {acked[-3:]}, seed {seed})"
         seen["saves"] += len(acked)
         seen["unreferenced blobs after a kill"] += len(_blobs(run) - _referenced(run))
@@ -159,6 +161,25 @@ def test_sigkill_of_an_incremental_torch_run(tmp_path: Path, stress: bool) -> No
     ]
     seen = _trials(tmp_path / "run", "torch", plans * (5 if stress else 1), seed)
     print(f"\nincremental torch savers (seed {seed}): {dict(seen)}")
+
+
+def test_sigkill_of_an_incremental_compressed_run(tmp_path: Path, stress: bool) -> None:
+    """The same with ``compression="zstd"``: compressed blobs, compared by their decoded bytes;
+    every third trial the test's own (uncompressed) writer refers to them."""
+    pytest.importorskip("zstandard")
+    seed = random.randrange(2**32)
+    rnd = random.Random(seed)
+    plans: list[tuple[str, int, str] | None] = [
+        None,
+        ("gc", rnd.randint(1, 3), "after"),
+        ("fsync", rnd.randint(1, 18), "before"),
+        ("rename", rnd.randint(1, 6), "after"),
+        None,
+        ("delete", rnd.randint(1, 3), "after"),
+    ]
+    seen = _trials(tmp_path / "run", "numpy", plans * (5 if stress else 1), seed, codec="zstd")
+    print(f"\nincremental zstd savers (seed {seed}): {dict(seen)}")
+    assert seen["saves"] > 3
 
 
 def test_the_kill_checks_can_fail(tmp_path: Path) -> None:

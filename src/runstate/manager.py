@@ -131,7 +131,7 @@ class CheckpointManager:
             At most one save is in flight: the next ``save`` waits for it. A background
             failure is raised by the next ``save``, :meth:`wait` or :meth:`close`; a process
             that exits without them waits for the save at exit, and if it failed, logs the
-            error and exits with status 1.
+            error and exits with status 1. :meth:`warmup` allocates the host buffers ahead.
         storage_options: fsspec options for a URL (credentials, ``client_kwargs``,
             ``default_block_size`` for the upload part size...).
         group: the processes that save together: None uses the default
@@ -158,7 +158,8 @@ class CheckpointManager:
             parameter (``requires_grad=False``) whose storage and version counter did not
             change: faster, but only for code that never writes frozen tensors through
             ``.data``, NumPy or DLPack (which move no version counter; PEFT's
-            ``merge_adapter`` does). Single process only.
+            ``merge_adapter`` does). Single process only. Combines with ``compression``:
+            tensors are compared by their decoded bytes, new blobs are compressed.
             ``runstate copy`` makes one checkpoint standalone.
 
     Raises:
@@ -233,18 +234,14 @@ class CheckpointManager:
                 "incremental=True is not supported under torch.distributed yet (each process would need its "
                 "own dedup state); use incremental=False"
             )
-        if incremental and self.compression is not None:
-            raise CheckpointConfigError(
-                "incremental=True cannot be combined with compression yet (a compressed tensor is not compared "
-                "with the one already stored); choose one of them"
-            )
         self._run = RunDirectory(directory, storage_options, self._group, read_only=self.read_only)
         self._incremental = Incremental(self._run.store, trust_versions=incremental == "versions") if incremental else None
         self.directory = self._run.location
         self._saver = make_saver(self._run.store, self._group, async_save=bool(async_save))
         try:
             self._run.take_lock()
-            self._upkeep = RunHousekeeping(self._run.store, self.retention, self._run.lock)
+            references = self._incremental.references if self._incremental is not None else None
+            self._upkeep = RunHousekeeping(self._run.store, self.retention, self._run.lock, references=references)
             self._restorer = RunRestorer(self._run)
             self._preemption = PreemptionWatcher(signums)
         except BaseException:  # nothing half-made stays behind: no thread, exit hook or lock
@@ -435,6 +432,37 @@ class CheckpointManager:
         if signalled:
             self._preemption.saved(step)
         return True
+
+    def warmup(self, state: Mapping[str, Any]) -> int:
+        """Allocate the host buffers an ``async_save`` snapshot of ``state`` needs, now.
+
+        The first async save otherwise allocates them while training waits, and fresh memory
+        is slow to touch (on a VM, several times a copy into buffers that exist). Call it once
+        before training, with the state you will save; later saves reuse the buffers (a
+        tensor that changes size gets a new one at the save that meets it). Idempotent; waits
+        for the save in flight first; nothing is written. A no-op for a manager without
+        ``async_save``.
+
+        Args:
+            state: the named items you will pass to :meth:`save`.
+
+        Returns:
+            The bytes of buffers allocated by this call (0 when they already existed, or
+            without ``async_save``).
+
+        Raises:
+            UnsupportedTypeError: a value cannot be stored (what ``save`` would raise).
+            AsyncSaveError: the previous background save failed.
+            CheckpointError: the manager is read-only or closed.
+
+        Example:
+            >>> mgr = runstate.CheckpointManager("runs/exp", async_save=True)  # doctest: +SKIP
+            >>> mgr.warmup({"model": model, "optimizer": opt})  # doctest: +SKIP
+        """
+        self._check_writable("warmup")
+        validate_state(state, f"{self!r}.warmup()")
+        prepare_loaders(state, saving=True, require_exact=self.require_exact)
+        return self._saver.warmup(state)
 
     def _due(self, step: int, now: float, force: bool) -> tuple[bool, bool]:
         """Whether ``save`` writes at ``step``, and whether because of a signal."""

@@ -1,13 +1,14 @@
 """An incremental saver that runs until it is killed; run as a subprocess by tests/test_incremental_faults.py.
 
-    python kill_incremental_saver.py RUN_DIR numpy|torch [TARGET N before|after]
+    python kill_incremental_saver.py RUN_DIR numpy|torch[+zstd] [TARGET N before|after]
 
 Like ``kill_saver.py`` (whose kill points it reuses), but through
 ``CheckpointManager(keep_last=2, incremental=True)``: it restores the newest step first (so
 its first save refers to the blobs already there), then saves step after step; retention
 deletes a checkpoint and collects the blobs no checkpoint refers to at every save. Half of
 the state is the same at every step (a frozen base, never written again), half changes.
-Extra target: ``gc`` (the blob collection after retention).
+Extra target: ``gc`` (the blob collection after retention). ``numpy+zstd`` saves the numpy
+state with ``compression="zstd"`` (compressed blobs, compared decoded).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def make_state(step: int, lib: str = "numpy", *, live: bool = False) -> dict[str
 
 
 def main(argv: list[str]) -> None:
-    run_dir, lib = argv[0], argv[1]
+    run_dir, (lib, _, codec) = argv[0], argv[1].partition("+")
     if lib == "torch":
         import torch  # noqa: F401  (imported first, as a training script would)
     import runstate
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 2:
         kill_saver._kill_on_call(argv[2], int(argv[3]), argv[4])
     print("ready", flush=True)
-    mgr = runstate.CheckpointManager(run_dir, keep_last=2, incremental=True)
+    mgr = runstate.CheckpointManager(run_dir, keep_last=2, incremental=True, compression=codec or None)
     target: dict[str, Any] = {"model": None, "optimizer": None, "step": None, "tag": None, "frozen": None}
     if lib == "torch":
         target["frozen_module"] = frozen_module()

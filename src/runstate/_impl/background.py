@@ -3,7 +3,8 @@
 Invariant: a background failure is never lost. It is raised, as :class:`AsyncSaveError` with
 the original exception chained, by the next :meth:`BackgroundSaver.wait` (the manager's next
 ``save``, ``wait``, ``restore``, ``clean`` or ``close``). A process that exits before any of
-them waits for the save at interpreter exit (Python has joined the writer thread by then),
+them waits for the save at interpreter exit (before ``concurrent.futures`` shuts its executors
+down, so the save can still use its threads),
 and if it failed, logs the error at ERROR and exits with status 1, so a supervisor never
 takes a lost checkpoint for a finished run.
 """
@@ -16,6 +17,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +37,14 @@ class BackgroundSaver:
         self._pending: tuple[int, str, Future[None]] | None = None
         self._at_exit = functools.partial(_finish_at_exit, weakref.ref(self))
         atexit.register(self._at_exit)
+        # Also before concurrent.futures' own exit hook, which refuses new work to every
+        # executor (compression threads, parallel uploads) while it joins the writer: the save
+        # in flight must finish with them. Hooks run last-registered first, so this one runs
+        # before it. A private hook of the threading module, hence the guard.
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            with contextlib.suppress(RuntimeError):  # already shutting down: atexit still waits
+                register(self._at_exit)
 
     def submit(self, step: int, where: str, write: Callable[[], None]) -> None:
         """Run ``write`` in the background (the previous save must have been waited for)."""

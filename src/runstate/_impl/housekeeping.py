@@ -24,7 +24,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from runstate._impl.incremental import collect_blobs
+from runstate._impl.incremental import BlobReferences, collect_blobs
 from runstate._impl.reader import CheckpointReader
 from runstate.errors import CheckpointError, CheckpointWriteError, StepExistsError
 from runstate.policies import Retention
@@ -42,13 +42,17 @@ class RunHousekeeping:
         store: the run directory.
         retention: which checkpoints to keep.
         lock: the run's writer lock (held by the writer).
+        references: the blobs each manifest of the run refers to, shared with the writer's
+            incremental state (which tells what it commits); None: a new one.
 
     Attributes:
         corrupt: steps found damaged by a restore: never deleted by retention, set aside
             before their step is saved again.
     """
 
-    def __init__(self, store: Store, retention: Retention, lock: Lock) -> None:
+    def __init__(
+        self, store: Store, retention: Retention, lock: Lock, *, references: BlobReferences | None = None
+    ) -> None:
         self._store = store
         self.retention = retention
         self._lock = lock
@@ -56,6 +60,7 @@ class RunHousekeeping:
         self._rollback: int | None = None  # rolled back to this step; newer ones still to set aside
         self._rolled_back_to: int | None = None  # kept by retention through the first keep_last saves
         self._saves_since_rollback = 0
+        self._references = references if references is not None else BlobReferences()
 
     def _path(self, step: int) -> str:
         return self._store.join(step_dirname(step))
@@ -167,7 +172,7 @@ class RunHousekeeping:
                 self._store.delete(step_dirname(s))
                 deleted = True
         if deleted:  # only a deletion (or a killed save, collected with it) leaves blobs unreferenced
-            for blob in collect_blobs(self._store):
+            for blob in collect_blobs(self._store, references=self._references):
                 logger.info("removed blob no checkpoint refers to: %s", blob)
 
     def abandoned(self) -> list[tuple[int, str]]:
@@ -180,9 +185,10 @@ class RunHousekeeping:
         aside = [name for _, name in self._store.list_aside(ABANDONED)] if abandoned else []
         if dry_run:
             listed = self._store.list_leftovers() + [self._store.join(name) for name in aside]
-            return listed + collect_blobs(self._store, dry_run=True, ignore=set(aside))
+            return listed + collect_blobs(self._store, dry_run=True, ignore=set(aside), references=self._references)
         removed = self._store.remove_leftovers()
         for name in aside:
             self._store.delete(name)
             removed.append(self._store.join(name))
-        return removed + collect_blobs(self._store)  # after the manifests that referred to them are gone
+        # after the manifests that referred to them are gone
+        return removed + collect_blobs(self._store, references=self._references)

@@ -295,7 +295,7 @@ def save_checkpoint(
     with staging:  # an exception aborts (on rank 0: the whole checkpoint; elsewhere: this process's files)
         text = _rank0_does(
             group,
-            lambda: _commit(staging, part, captured, group, step, before_commit),
+            lambda: _commit(staging, name, part, captured, group, step, before_commit),
             where,
             "could not commit the checkpoint",
             staging,
@@ -368,16 +368,22 @@ def _write_incremental(
     written again), sharded items (if any) in the checkpoint as usual."""
     assert captured.incremental is not None and captured.prepared is not None
     plain = {n: v for n, v in captured.items.items() if n not in captured.sharded}
-    written = captured.incremental.write(step, plain, captured.frozen, captured.prepared, shard_bytes=shard_bytes)
-    part = parts.write_part(
-        staging,
-        {n: v for n, v in captured.items.items() if n in captured.sharded},
-        captured.sharded,
-        rank=0,
-        shard_bytes=shard_bytes,
-        publish=False,
-        compression=captured.compression,
+    written = captured.incremental.write(
+        step, plain, captured.frozen, captured.prepared, shard_bytes=shard_bytes, compression=captured.compression
     )
+    try:
+        part = parts.write_part(
+            staging,
+            {n: v for n, v in captured.items.items() if n in captured.sharded},
+            captured.sharded,
+            rank=0,
+            shard_bytes=shard_bytes,
+            publish=False,
+            compression=captured.compression,
+        )
+    except BaseException:
+        captured.incremental.abandoned()  # joins the blob area's fsync; the next save writes everything
+        raise
     for name, (tree, _enc) in plain.items():
         part["items"][name] = {"tree": tree, "chunks": {}, "tensors": written.entries.get(name, {})}
     part["items"] = {name: part["items"][name] for name in captured.items}  # the state's order
@@ -387,6 +393,7 @@ def _write_incremental(
 
 def _commit(
     staging: Staging,
+    name: str,
     own: parts.Part,
     captured: Captured,
     group: Group,
@@ -415,6 +422,8 @@ def _commit(
             own_blobs=own.get("own_blobs", frozenset()),
         )
         raw = manifest.to_json_bytes()
+        if captured.incremental is not None:
+            captured.incremental.durable()  # the blob folder's fsync, started when its last new blob was created
         if before_commit is not None:
             before_commit(staging, raw)
         final = staging.commit(raw)
@@ -424,7 +433,7 @@ def _commit(
             captured.incremental.abandoned()
         raise
     if captured.incremental is not None:
-        captured.incremental.committed()
+        captured.incremental.committed(name, raw)
     return json.dumps({"path": final, "created": manifest.created, "nbytes": manifest.nbytes + len(raw)})
 
 

@@ -18,29 +18,37 @@ any open-file limit.
 from __future__ import annotations
 
 import errno
+import functools
+import io
 import os
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import IO, Any, TypeVar
 
 import numpy as np
 import xxhash
 
+from runstate._impl.parallel_reads import MIN_BYTES, Range, read_file_and_hash, read_ranges
 from runstate._impl.pipeline import CheckpointInfo
-from runstate.adapters import codec_for_lib, object_codecs
-from runstate.errors import CheckpointNotFoundError, CheckpointReadError, CorruptCheckpointError, UnsupportedTypeError
+from runstate.adapters import codec_for_lib, empty_bytes, object_codecs
+from runstate.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointReadError,
+    CorruptCheckpointError,
+    UnsupportedTypeError,
+)
 from runstate.format.compress import DecodeError, Packing, decode_chunks
 from runstate.format.depth import stack_room
 from runstate.format.manifest import MANIFEST_NAME, ChunkedTensor, Manifest, TensorEntry
 from runstate.format.safetensors_io import (
-    checksum,
     checksum_range,
     file_metadata,
     header_bytes,
     read_header,
-    read_tensor_bytes,
 )
 from runstate.format.tensors import DTYPE_SIZES, NumpyCodec
 from runstate.format.tree import Decoder
@@ -62,6 +70,18 @@ _ENTRY_ERRNOS = frozenset(
 )
 
 _T = TypeVar("_T")
+
+# Files whose descriptor can be read directly (with preadv, by several threads).
+_PLAIN_FILES = (io.BufferedReader, io.FileIO)
+
+#: Tensors of at least this many bytes are read into their framework's own memory (which a live
+#: tensor may then take over instead of copying it); smaller ones into a NumPy array (cheaper to make).
+FRAMEWORK_MEMORY_FROM = 16 << 10
+
+
+def _buffer(lib: str, nbytes: int) -> np.ndarray:
+    """A new uint8 array of ``nbytes`` to read a tensor tagged ``lib`` into."""
+    return empty_bytes(lib, nbytes) if nbytes >= FRAMEWORK_MEMORY_FROM else np.empty(nbytes, dtype=np.uint8)
 
 
 def _read_error(where: str, exc: BaseException) -> CheckpointReadError:
@@ -239,6 +259,8 @@ class CheckpointReader:
         self._blob_area: Store | None = None
         self._rooms: list[AbstractContextManager[None]] = []
         self._objects = object_codecs(for_loading=True)
+        #: Tensors read ahead by :meth:`load_item`, by ``(item, tensor name)``: bytes and XXH3, not yet checked.
+        self._staged: dict[tuple[str, str], Future[tuple[np.ndarray, str]]] = {}
         #: Values already loaded by other means, by ``(item, tensor name)``: sharded tensors
         #: read into their live placement through torch.distributed.checkpoint.
         self.preloaded: dict[tuple[str, str], Any] = {}
@@ -468,19 +490,24 @@ class CheckpointReader:
 
     def _read(self, item: str, name: str, *, whole: bool) -> Any:
         entry = self.entry(item, name)
-        f, data_start = self.open_file(entry.file)
+        staged = self._staged.pop((item, name), None) if whole else None
         fpath = self.location_of(entry.file)
-        if "compression" in entry.meta:
-            return self._read_compressed(item, name, entry, f, fpath, data_start, whole=whole)
         data: Any = None
         try:
-            if whole:
-                data = _guarded(fpath, lambda: read_tensor_bytes(f, fpath, data_start, entry.begin, entry.end))
-                digest = checksum(data)
+            if staged is not None:  # read ahead by load_item, its file opened and checked then
+                data, digest = staged.result()
             else:
-                digest = _guarded(fpath, lambda: checksum_range(f, fpath, data_start, entry.begin, entry.end))
+                f, data_start = self.open_file(entry.file)
+                if "compression" in entry.meta:
+                    return self._read_compressed(item, name, entry, f, fpath, data_start, whole=whole)
+                if whole:
+                    data = _guarded(fpath, lambda: _buffer(entry.lib, entry.end - entry.begin))
+                    digest = _guarded(fpath, lambda: read_file_and_hash(f, data_start + entry.begin, data, fpath))
+                else:
+                    digest = _guarded(fpath, lambda: checksum_range(f, fpath, data_start, entry.begin, entry.end))
         except CorruptCheckpointError as exc:
-            exc.file, exc.tensor = entry.file, name
+            if exc.file is None:
+                exc.file, exc.tensor = entry.file, name
             raise
         if digest != entry.xxh3:
             raise CorruptCheckpointError(
@@ -567,7 +594,62 @@ class CheckpointReader:
             ) from exc
 
     def load_item(self, item: str) -> Any:
-        """Decode one item; stateful objects come back as ``StatefulState``."""
+        """Decode one item; stateful objects come back as ``StatefulState``.
+
+        The item's tensors of a local checkpoint are read first, several at a time (see
+        :mod:`runstate._impl.parallel_reads`); each is still checked when the tree takes it.
+        """
         entry = self.manifest.items[item]
-        decoder = Decoder(item, lambda name: self.load_tensor(item, name), self._objects)
-        return decoder.decode(entry.tree)
+        self._read_ahead(item)
+        try:
+            decoder = Decoder(item, lambda name: self.load_tensor(item, name), self._objects)
+            return decoder.decode(entry.tree)
+        finally:
+            for key in [k for k in self._staged if k[0] == item]:
+                del self._staged[key]  # the tree did not use them (or failed first): drop the bytes
+
+    def _read_ahead(self, item: str) -> None:
+        """Read the uncompressed tensors of ``item`` at once into :attr:`_staged` (local files only).
+
+        A file that cannot be opened or whose header is wrong is not read ahead: its tensors
+        are read one by one later, which raises the same error at the same point of the tree.
+        """
+        if not self.store.is_local or not hasattr(os, "preadv"):
+            return
+        tensors = self.manifest.items[item].tensors
+        wanted = [
+            (name, e)
+            for name, e in tensors.items()
+            if "compression" not in e.meta and (item, name) not in self.preloaded and e.end > e.begin
+        ]
+        if sum(e.end - e.begin for _, e in wanted) < MIN_BYTES:
+            return
+        fds: dict[str, tuple[int, int] | None] = {}
+        ranges: list[Range] = []
+        try:
+            for name, e in sorted(wanted, key=lambda ne: (ne[1].file, ne[1].begin)):
+                if e.file not in fds:
+                    fds[e.file] = self._duplicate(e.file) if len(fds) < MAX_OPEN_FILES else None
+                opened = fds[e.file]
+                if opened is not None:
+                    fd, data_start = opened
+                    empty = functools.partial(_buffer, e.lib)
+                    where = self.location_of(e.file)
+                    ranges.append(Range(name, fd, data_start + e.begin, e.end - e.begin, where, empty))
+            for name, future in read_ranges(ranges, _guarded).items():
+                self._staged[item, name] = future
+        finally:
+            for opened in fds.values():
+                if opened is not None:
+                    os.close(opened[0])
+
+    def _duplicate(self, fname: str) -> tuple[int, int] | None:
+        """A descriptor of its own for tensor file ``fname`` (opened and checked), and its data offset;
+        None when it cannot be opened or checked (the tensor-by-tensor read reports why)."""
+        try:
+            f, data_start = self.open_file(fname)
+            if type(f) not in _PLAIN_FILES:  # a store's own file object: read through it, one by one
+                return None
+            return os.dup(f.fileno()), data_start
+        except (CheckpointError, OSError, ValueError):
+            return None

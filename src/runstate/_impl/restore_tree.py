@@ -51,6 +51,8 @@ class RestorePlan:
     actions: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
     problems: list[Mismatch] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: data pointers of restored buffers live tensors took over in phase two (each is taken once)
+    adopted: set[int] = field(default_factory=set)
 
     def add(self, path: tuple[Any, ...], kind: str, text: str) -> None:
         """Record a mismatch at ``path`` (starting with the item name)."""
@@ -189,11 +191,18 @@ def _restore_stateful(obj: Any, stored: StatefulState, path: tuple[Any, ...], pl
         if problems and isinstance(state, dict):
             bad = {p.key for p in problems}
             state = {k: v for k, v in state.items() if k in template and format_path((*path, k)) not in bad}
-        plan.actions.append((where, lambda: obj.load_state_dict(state, strict=not problems)))
+        plan.actions.append((where, functools.partial(_load, obj, state, plan.adopted, strict=not problems)))
     elif problems and not all(p.kind in _LOADABLE for p in problems):
         plan.skipped.append(where)
     else:
-        plan.actions.append((where, lambda: obj.load_state_dict(state)))
+        plan.actions.append((where, functools.partial(_load, obj, state, plan.adopted, strict=None)))
+
+
+def _load(obj: Any, state: Any, adopted: set[int], *, strict: bool | None) -> Any:
+    """Phase two: ``obj.load_state_dict(state)``, its live tensors first taking over the restored
+    buffers where the framework says that equals copying into them."""
+    adapters.adopt_restored(obj, state, adopted)
+    return obj.load_state_dict(state) if strict is None else obj.load_state_dict(state, strict=strict)
 
 
 def _restore_registered(

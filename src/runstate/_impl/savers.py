@@ -101,6 +101,14 @@ class Saver(abc.ABC):
     def _save(self, job: _Job, before_start: Callable[[], None]) -> None:
         """Write and commit a captured step, now or in the background."""
 
+    def warmup(self, state: Mapping[str, Any]) -> int:
+        """Allocate ahead of time what a save of ``state`` needs (nothing by default).
+
+        Returns:
+            The bytes newly allocated.
+        """
+        return 0
+
     def wait(self) -> None:
         """Block until the save in flight is committed (nothing to wait for by default).
 
@@ -169,6 +177,9 @@ class AsyncSaver(Saver):
 
     :meth:`save` returns once the tensors are copied; the write goes on in the background.
 
+    Args:
+        store: the run directory's store.
+
     Attributes:
         pool: the host buffers of the snapshot, reused from save to save.
     """
@@ -177,6 +188,17 @@ class AsyncSaver(Saver):
         super().__init__(store, SingleProcess())
         self.pool = SnapshotPool()
         self._background = BackgroundSaver()
+
+    def warmup(self, state: Mapping[str, Any]) -> int:
+        """Allocate and fault in the snapshot buffers of ``state`` (waits for the save in flight first).
+
+        Raises:
+            AsyncSaveError: the previous background save failed.
+            CheckpointError: ``state`` cannot be saved (what ``save`` would raise).
+        """
+        self.wait()  # the buffers may be in use by the writer
+        captured = capture(state, None, self._group, where=f"{self._store.join('')}: warmup")
+        return self.pool.reserve(captured, populate=True)
 
     def _save(self, job: _Job, before_start: Callable[[], None]) -> None:
         before_start()  # here, so that its errors (a step already saved...) raise from save()

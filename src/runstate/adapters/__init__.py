@@ -51,11 +51,13 @@ __all__ = [
     "FrameworkRegistrations",
     "Unavailable",
     "active_adapters",
+    "adopt_restored",
     "block_placement",
     "check_like",
     "codec_for_lib",
     "copy_bytes",
     "default_group",
+    "empty_bytes",
     "find_codec",
     "framework_versions",
     "is_lazy",
@@ -131,8 +133,10 @@ def register_adapter(module: str, spec: AdapterSpec | str | Adapter, *, clobber:
         raise CheckpointConfigError(
             f"register_adapter({module!r}): an adapter is already registered for it; pass clobber=True to replace it"
         )
+    global _active
     KNOWN_ADAPTERS[module] = spec if isinstance(spec, AdapterSpec) else AdapterSpec(spec)
     _loaded.pop(module, None)
+    _active = None
 
 
 def _load(module: str) -> Adapter:
@@ -149,11 +153,68 @@ def _load(module: str) -> Adapter:
     return adapter
 
 
+class _Active:
+    """The active adapters for one state of the registry and of ``sys.modules``.
+
+    The core asks the adapters several times per value (a save of 10,000 tensors asked
+    70,000 times), so the answer is kept while what it depends on stays the same. That is
+    checked at every call, cheaply: the same :data:`KNOWN_ADAPTERS` and loaded-adapter dicts
+    (identity and size: :func:`register_adapter` also drops the answer); the same number of
+    entries in ``sys.modules``; the same known modules with an entry there (a framework
+    imported or removed); and, for every known module that had an entry, the same object there (one replaced, or marked missing
+    with ``sys.modules[name] = None``, makes a new answer) and the same loaded adapter.
+    """
+
+    __slots__ = ("adapters", "known", "loaded", "modules", "n_known", "n_modules", "present")
+
+    def __init__(self) -> None:
+        self.known: dict[str, AdapterSpec] = KNOWN_ADAPTERS
+        self.loaded: dict[str, Adapter] = _loaded
+        self.n_known = len(KNOWN_ADAPTERS)
+        # the known modules that have an entry in sys.modules: (name, the entry (None: marked
+        # missing), its loaded adapter (None when inactive)); a copy of the registry's names,
+        # since loading an adapter may register another one
+        self.modules = tuple(
+            (name, module, None if module is None else _load(name))
+            for name in list(KNOWN_ADAPTERS)
+            if name in sys.modules
+            for module in (sys.modules[name],)
+        )
+        self.present = frozenset(name for name, _module, _adapter in self.modules)
+        self.n_modules = len(sys.modules)  # after the adapters' own imports
+        self.adapters = tuple(adapter for _name, _module, adapter in self.modules if adapter is not None)
+
+    def current(self) -> bool:
+        """True while nothing the answer depends on has changed."""
+        modules, loaded = sys.modules, _loaded
+        if (
+            len(modules) != self.n_modules
+            or self.known is not KNOWN_ADAPTERS
+            or self.loaded is not loaded
+            or len(KNOWN_ADAPTERS) != self.n_known
+        ):
+            return False
+        for name, module, adapter in self.modules:
+            if modules.get(name) is not module or (adapter is not None and loaded.get(name) is not adapter):
+                return False
+        present = self.present  # a known framework imported while another module left (same count)
+        return all((name in modules) == (name in present) for name in KNOWN_ADAPTERS)
+
+
+_active: _Active | None = None
+
+
+def _active_tuple() -> tuple[Adapter, ...]:
+    global _active
+    active = _active
+    if active is None or not active.current():
+        active = _active = _Active()
+    return active.adapters
+
+
 def active_adapters() -> Iterator[Adapter]:
     """The adapters whose framework the program has imported, in registry order."""
-    for module in list(KNOWN_ADAPTERS):
-        if sys.modules.get(module) is not None:  # None: marked missing (sys.modules[name] = None)
-            yield _load(module)
+    yield from _active_tuple()
 
 
 # -- saving ---------------------------------------------------------------------------------
@@ -161,7 +222,7 @@ def active_adapters() -> Iterator[Adapter]:
 
 def find_codec(value: Any) -> TensorCodec | None:
     """The codec for a tensor value, or None when ``value`` is not a tensor."""
-    for adapter in active_adapters():
+    for adapter in _active_tuple():
         codec = adapter.tensor_codec(value)
         if codec is not None:
             return codec
@@ -172,7 +233,7 @@ def item_extras(name: str, value: Any, state: Mapping[str, Any]) -> dict[str, An
     """Extra fields for the stored tree of item ``name`` (today: an optimizer's ``param_names``,
     which lets a changed model keep matching its moments)."""
     extras: dict[str, Any] = {}
-    for adapter in active_adapters():
+    for adapter in _active_tuple():
         extras.update(adapter.item_extras(name, value, state))
     return extras
 
@@ -180,7 +241,7 @@ def item_extras(name: str, value: Any, state: Mapping[str, Any]) -> dict[str, An
 def frozen_tensors(value: Any) -> frozenset[str]:
     """Names of the tensors of an item that its framework says training leaves unchanged."""
     found: frozenset[str] = frozenset()
-    for adapter in active_adapters():
+    for adapter in _active_tuple():
         found |= adapter.frozen_tensors(value)
     return found
 
@@ -188,14 +249,14 @@ def frozen_tensors(value: Any) -> frozenset[str]:
 def framework_versions() -> dict[str, str]:
     """The versions of the active frameworks recorded in a manifest (``{"torch": ...}``)."""
     versions: dict[str, str] = {}
-    for adapter in active_adapters():
+    for adapter in _active_tuple():
         versions.update(adapter.versions())
     return versions
 
 
 def is_per_rank_value(value: Any) -> bool:
     """True for a value each process saves for itself because a framework says so (a data loader)."""
-    return any(adapter.is_per_rank_value(value) for adapter in active_adapters())
+    return any(adapter.is_per_rank_value(value) for adapter in _active_tuple())
 
 
 def default_group(group: Any) -> Group | None:
@@ -205,7 +266,7 @@ def default_group(group: Any) -> Group | None:
     Raises:
         CheckpointConfigError: ``group`` is given but no imported framework knows it.
     """
-    for adapter in active_adapters():
+    for adapter in _active_tuple():
         found = adapter.default_group(group)
         if found is not None:
             return found
@@ -221,7 +282,7 @@ def copy_bytes(dst: np.ndarray, src: memoryview) -> None:
     framework offers it, e.g. torch for large buffers)."""
     if not dst.nbytes:
         return
-    for adapter in active_adapters():
+    for adapter in _active_tuple():
         if adapter.copy_bytes(dst, src):
             return
     np.copyto(dst, np.frombuffer(src, dtype=np.uint8))
@@ -252,7 +313,7 @@ REGISTRATIONS = FrameworkRegistrations()
 def registration(cls: type) -> Registration | None:
     """How an imported framework saves and restores instances of ``cls`` in place (a
     ``tf.Module``), or None; consulted by :meth:`runstate.registry.Registry.get`."""
-    for adapter in active_adapters():
+    for adapter in _active_tuple():
         found = adapter.registration(cls)
         if found is not None:
             return found
@@ -292,6 +353,21 @@ def codec_for_lib(lib: str) -> TensorCodec | None:
             except ImportError:
                 return None
     return None
+
+
+def empty_bytes(lib: str, nbytes: int) -> np.ndarray:
+    """A new uint8 array of ``nbytes`` to read a stored tensor tagged ``lib`` into (its framework's
+    memory when it offers it: see :meth:`Adapter.empty_bytes`)."""
+    for module, spec in KNOWN_ADAPTERS.items():
+        if spec.lib == lib:
+            try:
+                found = _load(module).empty_bytes(nbytes)
+            except ImportError:
+                found = None
+            if found is not None:
+                return found
+            break
+    return np.empty(nbytes, dtype=np.uint8)
 
 
 class _WhenLoaded:
@@ -354,12 +430,12 @@ def prepare_loaders(state: Any, *, saving: bool, require_exact: bool = False) ->
 
 def is_lazy(value: Any) -> bool:
     """True for a live value whose shape is not known yet (an uninitialized lazy parameter)."""
-    return any(adapter.is_lazy(value) for adapter in active_adapters())
+    return any(adapter.is_lazy(value) for adapter in _active_tuple())
 
 
 def key_prefixes() -> tuple[str, ...]:
     """Prefixes the frameworks' wrappers add to state_dict keys (``"module."`` for DDP)."""
-    return tuple(prefix for adapter in active_adapters() for prefix in adapter.key_prefixes)
+    return tuple(prefix for adapter in _active_tuple() for prefix in adapter.key_prefixes)
 
 
 def unavailable(value: Any) -> Unavailable | None:
@@ -369,15 +445,22 @@ def unavailable(value: Any) -> Unavailable | None:
 
 def place_like(stored: Any, template: Any) -> Any:
     """A restored value on the device (or sharding) of the live value it replaces."""
-    for adapter in active_adapters():
+    for adapter in _active_tuple():
         stored = adapter.place_like(stored, template)
     return stored
+
+
+def adopt_restored(obj: Any, state: Any, adopted: set[int]) -> None:
+    """Phase two, just before ``obj.load_state_dict(state)``: the frameworks' zero-copy step
+    (see :meth:`Adapter.adopt_restored`)."""
+    for adapter in _active_tuple():
+        adapter.adopt_restored(obj, state, adopted)
 
 
 def check_like(template: Any, restored: Any) -> list[tuple[tuple[Any, ...], str, str]]:
     """Differences between a live value and the value that replaces it, from every adapter."""
     problems: list[tuple[tuple[Any, ...], str, str]] = []
-    for adapter in active_adapters():
+    for adapter in _active_tuple():
         problems.extend(adapter.check_like(template, restored))
     return problems
 
@@ -388,7 +471,7 @@ def preload_sharded(reader: CheckpointReader, item: str, stored_item: str, value
     Collective: every process calls it for the same items in the same order.
     """
     out: dict[str, Any] = {}
-    for adapter in active_adapters():
+    for adapter in _active_tuple():
         out.update(adapter.preload_sharded(reader, item, stored_item, value, group))
     return out
 
@@ -396,7 +479,7 @@ def preload_sharded(reader: CheckpointReader, item: str, stored_item: str, value
 def stateful_rule(obj: Any) -> StatefulRule:
     """How a stateful object is checked and loaded: its framework's rule, else the default
     (its class must match the stored one; loaded only when everything matches)."""
-    for adapter in active_adapters():
+    for adapter in _active_tuple():
         rule = adapter.stateful_rule(obj)
         if rule is not None:
             return rule
@@ -406,7 +489,7 @@ def stateful_rule(obj: Any) -> StatefulRule:
 def stateful_source(obj: Any, stored: StatefulState, path: tuple[Any, ...], ctx: RestoreContext) -> Any:
     """The state to load into ``obj``: adapted by its framework (an optimizer's, matched by
     parameter name), else ``stored.state``; problems go to ``ctx``."""
-    for adapter in active_adapters():
+    for adapter in _active_tuple():
         source = adapter.stateful_source(obj, stored, path, ctx)
         if source is not stored.state:
             return source

@@ -211,6 +211,12 @@ class Adapter(Protocol):
         """The codec that rebuilds tensors tagged :attr:`lib`."""
         return None
 
+    def empty_bytes(self, nbytes: int) -> np.ndarray | None:
+        """A new 1-D uint8 array of ``nbytes`` to read a stored tensor of :attr:`lib` into, in memory
+        that the tensor :meth:`codec` builds from it owns like any of this framework's tensors
+        (None: NumPy's)."""
+        return None
+
     # -- restoring ----------------------------------------------------------------------
     def is_lazy(self, value: Any) -> bool:
         """True for a value whose shape is not known yet (takes the stored shape)."""
@@ -228,6 +234,13 @@ class Adapter(Protocol):
     def place_like(self, stored: Any, template: Any) -> Any:
         """``stored`` on the device (or sharding) of the live value it replaces."""
         return stored
+
+    def adopt_restored(self, obj: Any, state: Any, adopted: set[int]) -> None:
+        """Phase two, just before ``obj.load_state_dict(state)``: let ``obj``'s live tensors take over
+        the memory of the restored (verified) tensors where that cannot be told apart from copying
+        into them (saves a copy). ``adopted`` holds the data pointers of the restored buffers taken
+        so far in this restore: a buffer is taken once."""
+        return None
 
     def check_like(self, template: Any, restored: Any) -> list[Problem]:
         """Differences a replaced value must not have (structure, shapes, dtypes)."""

@@ -4,8 +4,10 @@ A checkpoint of an incremental run (``CheckpointManager(incremental=True)``) ref
 files in its run's ``blobs/`` folder, which earlier checkpoints wrote: it cannot be moved on
 its own. ``copy`` writes every byte it reads into files of its own at DEST (format version 1,
 as ``runstate.save`` writes), checking every tensor's checksum on the way, and commits DEST
-atomically. Any checkpoint can be copied; DEST must not exist. With ``--step N|latest``, CKPT
-is a run directory and its step N (or newest step) is copied.
+atomically. Compressed tensors are copied as stored (still compressed, verified by decoding
+first), so a compressed checkpoint's copy is compressed too (format version 2, ``zstd``).
+Any checkpoint can be copied; DEST must not exist. With ``--step N|latest``, CKPT is a run
+directory and its step N (or newest step) is copied.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import xxhash
 from runstate.errors import CorruptCheckpointError, FormatVersionError
 from runstate.format.compress import Packing
 from runstate.format.depth import stack_room
+from runstate.format.gcpause import gc_paused
 from runstate.format.tensors import DTYPE_SIZES
 from runstate.format.tree import RESERVED_TENSOR_NAMES
 
@@ -299,6 +300,10 @@ class Manifest:
 
     def to_json_bytes(self) -> bytes:
         """Serialize, adding the checksum of the canonical form."""
+        with gc_paused():  # a few objects per tensor, all alive until the end
+            return self._to_json_bytes()
+
+    def _to_json_bytes(self) -> bytes:
         requires = self.features
         body: dict[str, Any] = {"format": FORMAT_NAME, "format_version": manifest_version(requires)}
         if requires:
@@ -337,7 +342,7 @@ class Manifest:
             CorruptCheckpointError: unreadable JSON, a wrong checksum or a malformed field.
             FormatVersionError: the checkpoint needs a newer runstate.
         """
-        with stack_room():  # json recurses once per nesting level of the typed trees
+        with stack_room(), gc_paused():  # json recurses once per nesting level of the typed trees
             return cls._parse(raw, path)
 
     @classmethod

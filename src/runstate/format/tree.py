@@ -21,6 +21,7 @@ import numpy as np
 
 from runstate.errors import CheckpointError, CorruptCheckpointError, UnsupportedTypeError
 from runstate.format.depth import MAX_TREE_DEPTH, stack_room
+from runstate.format.gcpause import gc_paused, gc_resumed
 from runstate.format.tensors import TensorBlob, TensorCodec
 from runstate.registry import Registration, Registrations
 from runstate.registry import registry as default_registry
@@ -147,6 +148,8 @@ class CoreObjects:
 
 CodecFinder = Callable[[Any], "TensorCodec | None"]
 
+_UNASKED: Any = object()  # a class the registry has not been asked about yet
+
 
 class Encoder:
     """Encodes the values of one top-level item, collecting its tensors.
@@ -166,8 +169,12 @@ class Encoder:
         self.blobs: dict[str, TensorBlob] = {}
         self._find_codec = find_codec
         self._objects = objects
-        self._registry = registry
+        self._registry = registry if registry is not None else default_registry
+        # per class, what the registry said: asked once per class, not once per value (a state
+        # of 10,000 tensors asked 10,000 times); the registry does not change during one encode
+        self._registered: dict[type, Registration | None] = {}
         self._names_by_identity: dict[Any, str] = {}
+        self._root = format_path((item,))
         self._depth = 0
 
     def encode(self, value: Any) -> Node:
@@ -178,14 +185,19 @@ class Encoder:
                 deeper than :data:`~runstate.format.depth.MAX_TREE_DEPTH` (a value that
                 contains itself, too).
         """
-        with stack_room():
+        with stack_room(), gc_paused():
             return self._encode(value, ())
 
     def _where(self, path: tuple[PathPart, ...]) -> str:
-        return format_path((self.item, *path))
+        return self._root + "".join([f"[{p!r}]" for p in path])  # format_path((self.item, *path))
 
     def _tensor_name(self, path: tuple[PathPart, ...]) -> str:
-        base = ".".join(str(p) for p in path) if path else self.item
+        if len(path) == 1 and type(path[0]) is str:  # the common case: a key of the item's dict
+            base = path[0]
+        else:
+            base = ".".join([str(p) for p in path]) if path else self.item
+        if base not in self.blobs and base not in RESERVED_TENSOR_NAMES:
+            return base
         name, n = base, 1
         while name in self.blobs or name in RESERVED_TENSOR_NAMES:
             n += 1
@@ -229,7 +241,9 @@ class Encoder:
             if t is OrderedDict:
                 return {"t": "dict", "ordered": True, "v": items}
             return {"t": "dict", "v": items}
-        registered = (self._registry if self._registry is not None else default_registry).get(t)
+        registered = self._registered.get(t, _UNASKED)
+        if registered is _UNASKED:
+            registered = self._registered[t] = self._registry.get(t)
         if registered is not None:
             return self._encode_registered(value, registered, path)
         if isinstance(value, tuple) and _namedtuple_fields(value) is not None:
@@ -245,7 +259,8 @@ class Encoder:
         if is_stateful(value):
             cls = type(value)
             try:
-                state = value.state_dict()
+                with gc_resumed():  # the program's code: it may block long while others make garbage
+                    state = value.state_dict()
             except Exception as exc:
                 raise UnsupportedTypeError(
                     f"{self._where(path)}: {cls.__qualname__}.state_dict() raised {exc!r}"
@@ -272,7 +287,8 @@ class Encoder:
         """An instance of a class registered with ``runstate.register``: a ``stateful`` node."""
         cls = type(value)
         try:
-            state = registered.get_state(value)
+            with gc_resumed():
+                state = registered.get_state(value)
         except CheckpointError as exc:  # runstate's own refusal (a tf.data pipeline): say where, keep its kind
             if exc.args and isinstance(exc.args[0], str):
                 exc.args = (f"{self._where(path)}: {exc.args[0]}", *exc.args[1:])
@@ -349,7 +365,7 @@ class Decoder:
             CorruptCheckpointError: a malformed node, or a tree deeper than runstate writes
                 (:data:`~runstate.format.depth.MAX_TREE_DEPTH`).
         """
-        with stack_room():
+        with stack_room():  # not gc_paused(): decoding reads the tensors (I/O)
             return self._decode(node, ())
 
     def _bad(self, path: tuple[PathPart, ...], what: str) -> CorruptCheckpointError:
