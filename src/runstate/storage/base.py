@@ -156,6 +156,9 @@ class Staging(abc.ABC):
     def open_write(self, name: str) -> AbstractContextManager[IO[bytes]]:
         """A new binary file ``name`` in the checkpoint; durable (fsynced or uploaded) when the block exits.
 
+        As with any Python file object, ``write(b)`` must be done with ``b`` when it returns (copy
+        it to keep it): runstate reuses its buffers (gathered small tensors, compressed chunks).
+
         Args:
             name: a plain file name (no ``/``), unique within the checkpoint.
         """
