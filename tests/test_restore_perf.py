@@ -335,3 +335,19 @@ def test_running_out_of_memory_is_not_called_damage(tmp_path: Path, monkeypatch:
         runstate.load(tmp_path / "ck", {"model": live})
     assert not isinstance(info.value, runstate.CorruptCheckpointError), info.value
     assert "damaged" not in str(info.value)
+
+
+def test_a_saved_tensor_stays_resizable_and_a_later_restore_takes_it_over(tmp_path: Path) -> None:
+    """Saving exports a tensor's bytes without Tensor.numpy(), which would mark its storage not
+    resizable for good: FSDP1/ZeRO-3 free parameter memory with resize_(0) after a save, and a
+    rollback in the same process should still take the zero-copy path."""
+    model, _opt = trained(0, width=128)
+    runstate.save(tmp_path / "ck", {"model": model})
+    weight = model[0].weight
+    assert weight.untyped_storage().resizable()
+    ptr = weight.data_ptr()
+    runstate.load(tmp_path / "ck", {"model": model})
+    assert model[0].weight is weight and weight.data_ptr() != ptr  # taken over
+    spare = torch.ones(4096)
+    runstate.save(tmp_path / "ck2", {"spare": spare})
+    spare.untyped_storage().resize_(0)  # raised "Trying to resize storage that is not resizable"

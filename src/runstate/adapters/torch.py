@@ -64,23 +64,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-#: The dtypes whose CPU tensors ``Tensor.numpy()`` can view (not bfloat16 or float8).
-_NUMPY_VIEWABLE = frozenset(
-    d for d in (*_TORCH_TO_CODE, torch.complex128) if d != torch.bfloat16 and not str(d).startswith("torch.float8")
-)
-
-
 def _cpu_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's bytes in C order on the host: a view of its memory when it already is there
     (a contiguous CPU tensor), else a copy."""
-    if t.is_cpu and t.dtype in _NUMPY_VIEWABLE and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+    # Through __array_interface__ (_Memory), not Tensor.numpy(): a storage once exported with
+    # numpy() is marked not resizable for good, which would break a program that frees a
+    # parameter's memory after a save (resize_(0), as FSDP1 and ZeRO-3 do) and keep a restore
+    # after a save from taking the zero-copy path (torch_adopt).
+    if t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg():
         # the common case, 3x faster than the general path below (a save of many tiny tensors)
-        try:
-            return (t.detach() if t.requires_grad else t).numpy().data.cast("B")
-        except TypeError:  # a torch whose numpy() lacks this dtype (uint16 before torch 2.3)
-            pass
+        data: memoryview = np.asarray(_Memory(t)).data
+        return data
     flat = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
-    data: memoryview = flat.view(torch.uint8).numpy().data
+    data = np.asarray(_Memory(flat)).data
     return data
 
 
@@ -149,7 +145,8 @@ class TorchCodec:
 
 
 class _Memory:
-    """A new tensor's memory as NumPy sees it (``__array_interface__``); keeps the tensor alive."""
+    """A contiguous CPU tensor's bytes as NumPy sees them (``__array_interface__``, uint8);
+    keeps the tensor alive, and leaves its storage resizable (``Tensor.numpy()`` does not)."""
 
     __slots__ = ("__array_interface__", "tensor")
 
@@ -157,7 +154,7 @@ class _Memory:
         self.tensor = tensor
         self.__array_interface__ = {
             "data": (tensor.data_ptr(), False),
-            "shape": (tensor.numel(),),
+            "shape": (tensor.numel() * tensor.element_size(),),
             "typestr": "|u1",
             "version": 3,
         }
