@@ -208,10 +208,6 @@ def first_async_save(run_dir: str, state: dict[str, Any], *, warm: bool = False)
     return blocking, snapshot, total, warmup_s
 
 
-def has_warmup() -> bool:
-    return callable(getattr(runstate.CheckpointManager, "warmup", None))
-
-
 class DcpAsyncSaver:
     """``torch.distributed.checkpoint.async_save`` of one model and optimizer, step 1, 2, 3...
 
@@ -392,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         state = {"model": model, "optimizer": opt}
         saver = AsyncSaver(os.path.join(work, "async-run"), state)
         first = first_async_save(os.path.join(work, "async-first"), state)
-        first_warm = first_async_save(os.path.join(work, "async-first"), state, warm=True) if has_warmup() else None
+        first_warm = first_async_save(os.path.join(work, "async-first"), state, warm=True)
         saver()  # warm: the manager's snapshot buffers now exist
         saver.blocking.clear()
         saver.snapshot.clear()
@@ -450,17 +446,16 @@ def main(argv: list[str] | None = None) -> int:
             op = Op(label, lambda: None, note="(1 run, fresh manager)")
             op.seconds = [value]
             first_ops.append(op)
-        if first_warm is not None:
-            warm_labels = (
-                "first save after warmup(): blocks",
-                "  of which snapshot (warm)",
-                "  save() to wait() (warm)",
-            )
-            for label, value in zip(warm_labels, first_warm):
-                op = Op(label, lambda: None)
-                op.note = f"(1 run; warmup took {first_warm[3]:.3f} s before it)"
-                op.seconds = [value]
-                first_ops.append(op)
+        warm_labels = (
+            "first save after warmup(): blocks",
+            "  of which snapshot (warm)",
+            "  save() to wait() (warm)",
+        )
+        for label, value in zip(warm_labels, first_warm):
+            op = Op(label, lambda: None)
+            op.note = f"(1 run; warmup took {first_warm[3]:.3f} s before it)"
+            op.seconds = [value]
+            first_ops.append(op)
         if dcp_first is not None:
             for label, value in zip(("DCP process, first: blocks", "  save to durable"), dcp_first):
                 op = Op(label, lambda: None, note="(1 run: spawns its process)")
@@ -564,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                     op.name: op_record(op, nbytes, clone)
                     for op in [clone, copy_op, async_block, *dcp_blocks, *first_ops]
                 },
-                "warmup": has_warmup(),
+                "warmup": True,
                 "load_cold": {op.name: op_record(op, nbytes, cold_loads[0]) for op in cold_loads},
                 "load_warm": {op.name: op_record(op, nbytes, warm_loads[0]) for op in warm_loads},
             },

@@ -74,6 +74,21 @@ def _truncated(where: str, size: int, offset: int, got: int) -> CorruptCheckpoin
     return CorruptCheckpointError(f"{where}: file is truncated (expected {size} bytes at offset {offset}, got {got})")
 
 
+def _fill_and_hash(read_at: Callable[[memoryview, int], int], offset: int, out: np.ndarray, where: str) -> str:
+    """Fill ``out`` from ``offset`` on with ``read_at(piece, position)``, hashing each piece as it arrives."""
+    hasher = xxhash.xxh3_64()
+    view = out.data
+    got, size = 0, out.nbytes
+    while got < size:
+        piece = view[got : got + CHUNK]
+        n = read_at(piece, offset + got)
+        if not n:
+            raise _truncated(where, size, offset, got)
+        hasher.update(piece[:n])
+        got += n
+    return hasher.hexdigest()
+
+
 def read_and_hash(fd: int, offset: int, out: np.ndarray, where: str) -> str:
     """Read ``out.nbytes`` bytes at ``offset`` of ``fd`` into ``out``, hashing each piece as it arrives.
 
@@ -84,33 +99,13 @@ def read_and_hash(fd: int, offset: int, out: np.ndarray, where: str) -> str:
         CorruptCheckpointError: the file ends before them.
         OSError: the read failed.
     """
-    hasher = xxhash.xxh3_64()
-    view = out.data
-    got, size = 0, out.nbytes
-    while got < size:
-        piece = view[got : got + CHUNK]
-        n = os.preadv(fd, [piece], offset + got)
-        if not n:
-            raise _truncated(where, size, offset, got)
-        hasher.update(piece[:n])
-        got += n
-    return hasher.hexdigest()
+    return _fill_and_hash(lambda piece, position: os.preadv(fd, [piece], position), offset, out, where)
 
 
 def read_file_and_hash(f: IO[bytes], offset: int, out: np.ndarray, where: str) -> str:
     """:func:`read_and_hash` for a file object (any store's): seeks, then reads piece by piece."""
-    hasher = xxhash.xxh3_64()
-    view = out.data
-    got, size = 0, out.nbytes
     f.seek(offset)
-    while got < size:
-        piece = view[got : got + CHUNK]
-        n = f.readinto(piece)  # type: ignore[attr-defined]
-        if not n:
-            raise _truncated(where, size, offset, got)
-        hasher.update(piece[:n])
-        got += n
-    return hasher.hexdigest()
+    return _fill_and_hash(lambda piece, _position: f.readinto(piece), offset, out, where)  # type: ignore[attr-defined]
 
 
 def _batches(ranges: Sequence[Range]) -> list[list[Range]]:
