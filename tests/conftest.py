@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,6 +53,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def stress(request: pytest.FixtureRequest) -> bool:
     """True under ``--stress``: fault-injection and fuzz tests scale their trial counts up."""
     return bool(request.config.getoption("--stress"))
+
+
+# -- tests that fork worker processes run in a fresh interpreter ----------------------------------
+
+_CHILD_ENV = "RUNSTATE_TEST_FRESH_PROCESS"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run a test marked ``fresh_process`` as its own pytest in a new interpreter.
+
+    A pytest worker has imported whatever earlier tests needed (TensorFlow, JAX and their thread
+    pools); a DataLoader worker forked from it has died of SIGSEGV in CI. The same test in a
+    fresh interpreter forks from a process that holds only torch, as a user's training script does.
+    """
+    if pyfuncitem.get_closest_marker("fresh_process") is None or os.environ.get(_CHILD_ENV):
+        return None
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, _CHILD_ENV: "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", pyfuncitem.nodeid]
+    proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
+    return True
 
 
 # -- a real S3 API on loopback (moto's server mode), for the object-store tests -------------------

@@ -57,6 +57,34 @@ def test_one_save_in_flight_and_the_next_save_waits(tmp_path: Path, monkeypatch:
     assert runstate.CheckpointManager(tmp_path).steps() == [1, 2]  # close() waited for step 2
 
 
+@pytest.mark.fresh_process  # forks
+def test_a_process_forked_while_a_save_is_in_flight_exits_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bug: a child forked with a save in flight (a DataLoader worker started mid-save) ran the
+    exit hook at its end and waited forever for the parent's save: DataLoader's shutdown stalled
+    on it until it killed the worker."""
+    import multiprocessing
+
+    real, release = parts_module.write_part, threading.Event()
+
+    def blocked(*args, **kwargs):
+        assert release.wait(60), "the test never released the writer"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(parts_module, "write_part", blocked)
+    with runstate.CheckpointManager(tmp_path, async_save=True) as mgr:
+        mgr.save(1, big_state())
+        child = multiprocessing.get_context("fork").Process(target=int)
+        child.start()
+        child.join(20)
+        exited = child.exitcode
+        if exited is None:
+            child.kill()
+            child.join()
+        release.set()
+    assert exited == 0, "the forked child hung at exit waiting for the parent's save"
+    assert runstate.CheckpointManager(tmp_path).steps() == [1]
+
+
 @pytest.mark.parametrize("reported_by", ["save", "wait", "close"])
 def test_a_background_failure_is_raised_by_the_next_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reported_by: str) -> None:
     mgr = runstate.CheckpointManager(tmp_path, async_save=True)

@@ -235,6 +235,7 @@ def test_iterators_and_generators_are_saved_with_a_warning_and_kept_on_restore(t
     assert live["it"] is kept["it"] and live["gen"] is kept["gen"]
 
 
+@pytest.mark.fresh_process  # forks DataLoader workers
 def test_exact_is_idempotent_and_keeps_the_users_worker_init_fn() -> None:
     from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -291,6 +292,7 @@ class _Stream(torch.utils.data.IterableDataset):
         yield from (torch.tensor([float(i)]) for i in range(wid, 16, n))
 
 
+@pytest.mark.fresh_process  # forks DataLoader workers
 def test_iterable_dataset_without_state_in_workers_resumes_at_its_position() -> None:
     """The bug: runstate's worker RNG carry gave the dataset a state_dict, so torchdata stopped
     fast-forwarding it, and a resumed loader replayed every worker's stream from its start."""
@@ -313,6 +315,7 @@ def test_iterable_dataset_without_state_in_workers_resumes_at_its_position() -> 
     assert head + tail == ref
 
 
+@pytest.mark.fresh_process  # forks DataLoader workers
 def test_require_exact_refuses_a_stateful_loader_whose_worker_rng_is_not_captured(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

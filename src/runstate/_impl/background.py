@@ -35,6 +35,7 @@ class BackgroundSaver:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstate-save")
         self._pending: tuple[int, str, Future[None]] | None = None
+        self._pid = os.getpid()  # a forked child inherits the hooks but not the thread
         self._at_exit = functools.partial(_finish_at_exit, weakref.ref(self))
         atexit.register(self._at_exit)
         # Also before concurrent.futures' own exit hook, which refuses new work to every
@@ -76,7 +77,9 @@ class BackgroundSaver:
 def _finish_at_exit(ref: weakref.ref[BackgroundSaver]) -> None:
     """At interpreter exit: collect the save left in flight; a failure is logged, exit status 1."""
     saver = ref()
-    if saver is None:
+    if saver is None or saver._pid != os.getpid():
+        # A forked child (a DataLoader worker) runs the hooks at its exit too, but the save in
+        # flight is the parent's: waiting for it here would hang the child forever.
         return
     try:
         saver.wait()
