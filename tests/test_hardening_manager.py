@@ -323,6 +323,7 @@ def test_latest_step_verified_lists_again_when_the_writer_deletes_the_step_being
         checked.append(checkpoint.info().step)
         if len(checked) == 1:
             writer.save(2, {"w": np.full(64, 2.0)})  # retention deletes step 1 under the reader
+            writer.wait()  # retention runs in the background after save returns
         return verify_reader(checkpoint)
 
     monkeypatch.setattr(run_dir_module, "verify_reader", save_meanwhile)
@@ -345,6 +346,7 @@ def test_a_step_deleted_by_the_writer_while_a_reader_restores_it_is_not_called_d
     class DeletedFirst(CheckpointReader):
         def __init__(self, *args: object, **kwargs: object) -> None:
             writer.save(2, {"w": np.full(64, 2.0)})  # retention deletes step 1 before it is opened
+            writer.wait()  # retention runs in the background after save returns
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(run_restore, "CheckpointReader", DeletedFirst)

@@ -140,6 +140,7 @@ def test_retention_keeps_referenced_blobs_and_removes_the_rest(tmp_path: Path) -
         for step in range(1, 8):
             _train(model, opt)
             mgr.save(step, {"model": model, "optimizer": opt})
+            mgr.wait()  # retention runs in the background after save returns
             assert _blobs(run) == _referenced(run), step  # nothing unreferenced stays, nothing referenced goes
         assert mgr.steps() == [6, 7]
     assert any("frozen" in b and b.startswith("000000000001-") for b in _blobs(run))  # step 1 is gone, its base stays
@@ -488,6 +489,7 @@ def test_the_collection_rereads_a_manifest_changed_on_disk(tmp_path: Path) -> No
         for step in (1, 2):
             _train(model, opt)
             mgr.save(step, {"model": model, "optimizer": opt})
+        mgr.wait()  # retention runs in the background after save returns
         step2 = run / "step-000000000002"
         raw = (step2 / "manifest.json").read_bytes()
         refs = mgr._incremental.references  # type: ignore[union-attr]
@@ -508,6 +510,7 @@ def test_the_collection_rereads_a_manifest_changed_on_disk(tmp_path: Path) -> No
         (step2 / "manifest.json").write_bytes(raw)  # negative control: no longer listed, removed
         _train(model, opt)
         mgr.save(4, {"model": model, "optimizer": opt})
+        mgr.wait()
         assert not stray.exists() and _blobs(run) == _referenced(run)
 
 

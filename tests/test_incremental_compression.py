@@ -113,6 +113,7 @@ def test_retention_gc_and_verify_with_compressed_blobs(tmp_path: Path) -> None:
         for step in range(1, 6):
             _train(model, opt)
             mgr.save(step, {"model": model, "optimizer": opt})
+            mgr.wait()  # retention runs in the background after save returns
             assert _blobs(run) == _referenced(run)  # collected after each deletion, referenced ones kept
         assert mgr.steps() == [4, 5]
     frozen = next(b for b in _blobs(run) if "frozen" in b)

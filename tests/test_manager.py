@@ -300,3 +300,57 @@ def test_restore_returns_the_step_with_its_report(tmp_path: Path) -> None:
         zero = mgr.restore({"w": None, "n": None}, step=0)
         assert zero.step == 0 and (zero or 0) == 0 and zero.report.ok  # falsy like 0: `or 0` still works
         assert mgr.steps() == [0] and [s for s, _ in mgr.abandoned()] == [7, 8, 9]  # restoring step 0: a rollback
+
+
+def test_retention_runs_after_save_returns_and_listing_waits_for_it(tmp_path: Path, monkeypatch) -> None:
+    """A synchronous save returns once its checkpoint is committed; retention (deleting the old
+    checkpoints) runs in the background, and steps()/wait()/close() see it done."""
+    import threading
+
+    from runstate._impl.housekeeping import RunHousekeeping
+
+    real = RunHousekeeping.apply_retention
+    release = {step: threading.Event() for step in (1, 2, 3)}
+    started = {step: threading.Event() for step in (1, 2, 3)}
+    threads: list[str] = []
+
+    def gated(self, just_saved: int) -> None:
+        threads.append(threading.current_thread().name)
+        started[just_saved].set()
+        assert release[just_saved].wait(30), "the test never released retention"
+        real(self, just_saved)
+
+    def names() -> list[str]:
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-"))
+
+    monkeypatch.setattr(RunHousekeeping, "apply_retention", gated)
+    state = {"x": torch.ones(4)}
+    with CheckpointManager(tmp_path, keep_last=1) as mgr:
+        mgr.save(1, state)  # returns although its retention is blocked
+        assert started[1].wait(30)
+        release[1].set()
+        mgr.save(2, state)  # waits for step 1's retention (released), not for its own
+        assert started[2].wait(30)
+        assert names() == ["step-000000000001", "step-000000000002"]  # step 2's retention is blocked
+        release[2].set()
+        assert mgr.steps() == [2]  # steps() waited for it
+        release[3].set()
+        mgr.save(3, state)
+        mgr.wait()
+        assert names() == ["step-000000000003"]
+    assert threads and all(name.startswith("runstate-retention") for name in threads)
+    assert CheckpointManager(tmp_path, read_only=True).steps() == [3]
+
+
+def test_a_retention_failure_is_logged_and_the_next_save_goes_on(tmp_path: Path, monkeypatch, caplog) -> None:
+    from runstate._impl.housekeeping import RunHousekeeping
+
+    def broken(self, just_saved: int) -> None:
+        raise ValueError("a bug in retention")
+
+    monkeypatch.setattr(RunHousekeeping, "apply_retention", broken)
+    with CheckpointManager(tmp_path, keep_last=1) as mgr, caplog.at_level("ERROR", "runstate"):
+        mgr.save(1, {"x": torch.ones(2)})
+        mgr.save(2, {"x": torch.ones(2)})
+        assert mgr.steps() == [1, 2]
+    assert any("step 1 is saved, but the upkeep after it (retention) failed" in r.getMessage() for r in caplog.records)

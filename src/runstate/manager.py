@@ -323,6 +323,7 @@ class CheckpointManager:
     def leftovers(self) -> list[str]:
         """Remains of interrupted saves or deletions (``.tmp-*``, ``.del-*``; on object stores
         ``step-*`` prefixes without ``manifest.json``): never committed."""
+        self._saver.settle()  # a deletion by retention in progress is not a leftover
         return self._run.store.list_leftovers()
 
     def abandoned(self) -> list[tuple[int, str]]:
@@ -331,6 +332,7 @@ class CheckpointManager:
         They are kept for inspection as ``step-N.abandoned-<12 hex>`` (never read, never
         deleted by retention); ``clean(abandoned=True)`` or ``runstate gc --abandoned`` removes them.
         """
+        self._saver.settle()
         return self._upkeep.abandoned()
 
     def clean(self, *, dry_run: bool = False, abandoned: bool = False) -> list[str]:
@@ -358,7 +360,8 @@ class CheckpointManager:
         return self._upkeep.clean(dry_run=dry_run, abandoned=abandoned)
 
     def steps(self) -> list[int]:
-        """Committed steps, oldest first."""
+        """Committed steps, oldest first (retention of the last save applied)."""
+        self._saver.settle()
         return self._run.steps()
 
     def latest_step(self, *, verified: bool = False) -> int | None:
@@ -371,6 +374,7 @@ class CheckpointManager:
                 (:func:`runstate.verify`, reading them whole) and the newest step that passes
                 is returned.
         """
+        self._saver.settle()
         return self._run.latest_step(verified=verified)
 
     def info(self, step: int) -> CheckpointInfo:
@@ -379,6 +383,7 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: ``step`` is not committed.
         """
+        self._saver.settle()
         return self._run.info(step)
 
     def save(
@@ -475,7 +480,8 @@ class CheckpointManager:
         return due, signalled
 
     def wait(self) -> None:
-        """Block until the save in flight (``async_save=True``) is committed.
+        """Block until the save in flight (``async_save=True``) is committed, and the retention after
+        the last save is done.
 
         Raises:
             AsyncSaveError: the background save failed; its exception is the ``__cause__``.

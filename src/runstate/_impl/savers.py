@@ -16,8 +16,10 @@ from __future__ import annotations
 import abc
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,8 +123,8 @@ class Saver(abc.ABC):
         """:meth:`wait`, then release the saver's thread and exit hook even if it raised. Idempotent."""
         return None
 
-    def _commit(self, job: _Job, before_start: Callable[[], None] | None, how: str) -> None:
-        """Write and commit ``job``, log it and call its ``after_commit`` (rank 0)."""
+    def _commit(self, job: _Job, before_start: Callable[[], None] | None, how: str) -> CheckpointInfo | None:
+        """Write and commit ``job`` and log it; return what was committed (None on ranks other than 0)."""
         started = time.monotonic()
         info = save_checkpoint(
             self._store,
@@ -134,7 +136,7 @@ class Saver(abc.ABC):
             before_commit=_read_back if job.verify else None,
         )
         if self._group.rank != 0:
-            return
+            return None
         seconds = time.monotonic() - started
         logger.info(
             "saved step %d: %.1f MB in %.2f s (%.2f GB/s)%s%s",
@@ -145,7 +147,11 @@ class Saver(abc.ABC):
             how,
             f" from {self._group.size} processes" if self._group.distributed else "",
         )
-        job.after_commit(info)
+        return info
+
+    def settle(self) -> None:
+        """Block until the upkeep after the last committed save (retention) is done (nothing by default)."""
+        return None
 
 
 def make_saver(store: Store, group: Group, *, async_save: bool) -> Saver:
@@ -166,10 +172,58 @@ def make_saver(store: Store, group: Group, *, async_save: bool) -> Saver:
 
 class SyncSaver(Saver):
     """Writes and commits before :meth:`save` returns; with a group of several processes, the
-    collective saver: every process calls it alike and rank 0 commits."""
+    collective saver: every process calls it alike and rank 0 commits.
+
+    In one process, the upkeep after a commit (retention: deleting old checkpoints and blobs no
+    checkpoint refers to any more, milliseconds to seconds for a large checkpoint) runs in a
+    background thread while training goes on; :meth:`settle` (called by the manager before it
+    lists, restores, cleans or saves again, and by :meth:`close`) waits for it. It deletes
+    only what retention deleted before, and a kill during it leaves what a kill during an
+    inline deletion leaves (the next save's retention and leftover removal finish the job).
+    """
+
+    def __init__(self, store: Store, group: Group) -> None:
+        super().__init__(store, group)
+        self._upkeep: ThreadPoolExecutor | None = None
+        self._upkeep_pid = 0
+        self._pending: Future[None] | None = None
 
     def _save(self, job: _Job, before_start: Callable[[], None]) -> None:
-        self._commit(job, before_start, "")
+        info = self._commit(job, before_start, "")
+        if info is None:
+            return
+        if not self._group.distributed:
+            try:
+                self._pending = self._upkeep_thread().submit(_after_commit, job, info)
+                return
+            except RuntimeError:  # no thread can be started (limits, interpreter exiting): inline
+                pass
+        _after_commit(job, info)
+
+    def _upkeep_thread(self) -> ThreadPoolExecutor:
+        if self._upkeep is None or self._upkeep_pid != os.getpid():  # a forked child has no thread
+            self._upkeep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstate-retention")
+            self._upkeep_pid = os.getpid()
+        return self._upkeep
+
+    def settle(self) -> None:
+        """See :meth:`Saver.settle`."""
+        pending, self._pending = self._pending, None
+        if pending is not None and self._upkeep_pid == os.getpid():  # a forked child never waits for the parent's
+            pending.result()  # _after_commit logs its failures, never raises
+
+    def wait(self) -> None:
+        """See :meth:`Saver.wait` (a synchronous save is committed when it returns: waits for its upkeep)."""
+        self.settle()
+
+    def close(self) -> None:
+        """See :meth:`Saver.close`."""
+        try:
+            self.settle()
+        finally:
+            if self._upkeep is not None and self._upkeep_pid == os.getpid():
+                self._upkeep.shutdown(wait=True)
+            self._upkeep = None
 
 
 class AsyncSaver(Saver):
@@ -205,8 +259,12 @@ class AsyncSaver(Saver):
         started = time.monotonic()
         self.pool.snapshot(job.captured)  # the only part that blocks training
         self.last_blocking_seconds = time.monotonic() - started
-        write = functools.partial(self._commit, job, None, " in the background")
-        self._background.submit(job.step, self._store.join(step_dirname(job.step)), write)
+        self._background.submit(job.step, self._store.join(step_dirname(job.step)), functools.partial(self._write, job))
+
+    def _write(self, job: _Job) -> None:
+        info = self._commit(job, None, " in the background")
+        if info is not None:
+            _after_commit(job, info)  # already off the training thread
 
     def wait(self) -> None:
         """See :meth:`Saver.wait`."""
@@ -218,6 +276,14 @@ class AsyncSaver(Saver):
             self.wait()
         finally:
             self._background.shutdown()
+
+
+def _after_commit(job: _Job, info: CheckpointInfo) -> None:
+    """Run ``job``'s upkeep after its commit; a failure is logged (the checkpoint is committed)."""
+    try:
+        job.after_commit(info)
+    except Exception:
+        logger.exception("step %d is saved, but the upkeep after it (retention) failed", job.step)
 
 
 def _read_back(staging: Staging, manifest: bytes) -> None:
