@@ -354,3 +354,63 @@ def test_a_retention_failure_is_logged_and_the_next_save_goes_on(tmp_path: Path,
         mgr.save(2, {"x": torch.ones(2)})
         assert mgr.steps() == [1, 2]
     assert any("step 1 is saved, but the upkeep after it (retention) failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_save_waits_for_retention_even_when_another_thread_is_already_waiting(tmp_path: Path, monkeypatch) -> None:
+    """The bug (review): settle() dropped the handle before waiting, so while a monitoring
+    thread's steps() waited for step 1's retention, save(2) did not: it claimed, captured and
+    wrote next to the deletions (an incremental run then lost a fresh blob to the collection)."""
+    import threading
+
+    from runstate._impl.housekeeping import RunHousekeeping
+
+    real_retention, real_before = RunHousekeeping.apply_retention, RunHousekeeping.before_save
+    release, retention_done, overlaps = threading.Event(), threading.Event(), []
+
+    def gated(self, just_saved: int) -> None:
+        if just_saved == 1:
+            assert release.wait(30), "the test never released retention"
+        real_retention(self, just_saved)
+        if just_saved == 1:
+            retention_done.set()
+
+    def before(self, step: int) -> None:
+        overlaps.append((step, retention_done.is_set()))
+        real_before(self, step)
+
+    monkeypatch.setattr(RunHousekeeping, "apply_retention", gated)
+    monkeypatch.setattr(RunHousekeeping, "before_save", before)
+    with CheckpointManager(tmp_path, keep_last=1) as mgr:
+        mgr.save(1, {"x": torch.ones(2)})
+        monitor = threading.Thread(target=mgr.steps)
+        monitor.start()
+        threading.Timer(0.3, release.set).start()
+        mgr.save(2, {"x": torch.ones(2)})
+        monitor.join(30)
+        assert mgr.steps() == [2]
+    assert overlaps == [(1, False), (2, True)]  # step 2 was claimed only after step 1's retention
+
+
+def test_retention_finishes_at_exit_without_close_on_an_object_store(tmp_path: Path) -> None:
+    """The bug (review): at exit without close(), concurrent.futures refused new work to every
+    executor before the retention thread was joined, and an fsspec store's listing (a thread
+    pool) failed: an ERROR traceback and old checkpoints never deleted."""
+    script = textwrap.dedent(
+        """
+        import logging, sys, numpy as np, runstate
+        logging.basicConfig(level=logging.WARNING)
+        import runstate._impl.savers as savers
+        real = savers._after_commit
+        def slow(*args):
+            import time; time.sleep(0.3)  # still deleting when the script ends
+            real(*args)
+        savers._after_commit = slow
+        mgr = runstate.CheckpointManager(sys.argv[1], keep_last=1)
+        for s in range(1, 4):
+            mgr.save(s, {"w": np.full(1000, float(s))})
+        """
+    )
+    url = f"file://{tmp_path / 'run'}"
+    proc = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr
+    assert CheckpointManager(url, read_only=True).steps() == [3]

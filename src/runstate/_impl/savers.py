@@ -14,10 +14,13 @@ a background failure is never lost (see :mod:`runstate._impl.background`).
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import logging
 import os
+import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -193,24 +196,38 @@ class SyncSaver(Saver):
         if info is None:
             return
         if not self._group.distributed:
-            try:
-                self._pending = self._upkeep_thread().submit(_after_commit, job, info)
+            try:  # only the step and the callback go along: the captured state is not kept alive
+                self._pending = self._upkeep_thread().submit(_after_commit, job.step, job.after_commit, info)
                 return
             except RuntimeError:  # no thread can be started (limits, interpreter exiting): inline
                 pass
-        _after_commit(job, info)
+        _after_commit(job.step, job.after_commit, info)
 
     def _upkeep_thread(self) -> ThreadPoolExecutor:
         if self._upkeep is None or self._upkeep_pid != os.getpid():  # a forked child has no thread
             self._upkeep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstate-retention")
             self._upkeep_pid = os.getpid()
+            # At interpreter exit without close(): finish retention before concurrent.futures'
+            # own exit hook refuses new work to every executor (an object store lists with
+            # one). Hooks run last-registered first. A private hook of the threading module.
+            register = getattr(threading, "_register_atexit", None)
+            if register is not None:
+                with contextlib.suppress(RuntimeError):  # already shutting down
+                    register(functools.partial(_settle_at_exit, weakref.ref(self)))
         return self._upkeep
 
     def settle(self) -> None:
-        """See :meth:`Saver.settle`."""
-        pending, self._pending = self._pending, None
-        if pending is not None and self._upkeep_pid == os.getpid():  # a forked child never waits for the parent's
-            pending.result()  # _after_commit logs its failures, never raises
+        """See :meth:`Saver.settle`.
+
+        The handle is dropped only once the upkeep is done, so that a second caller (another
+        thread listing steps, a save after a Ctrl-C in this wait) waits for it too.
+        """
+        pending = self._pending
+        if pending is None or self._upkeep_pid != os.getpid():  # a forked child never waits for the parent's
+            return
+        pending.result()  # _after_commit logs its failures, never raises
+        if self._pending is pending:
+            self._pending = None
 
     def wait(self) -> None:
         """See :meth:`Saver.wait` (a synchronous save is committed when it returns: waits for its upkeep)."""
@@ -264,7 +281,7 @@ class AsyncSaver(Saver):
     def _write(self, job: _Job) -> None:
         info = self._commit(job, None, " in the background")
         if info is not None:
-            _after_commit(job, info)  # already off the training thread
+            _after_commit(job.step, job.after_commit, info)  # already off the training thread
 
     def wait(self) -> None:
         """See :meth:`Saver.wait`."""
@@ -278,12 +295,18 @@ class AsyncSaver(Saver):
             self._background.shutdown()
 
 
-def _after_commit(job: _Job, info: CheckpointInfo) -> None:
-    """Run ``job``'s upkeep after its commit; a failure is logged (the checkpoint is committed)."""
+def _after_commit(step: int, after_commit: Callable[[CheckpointInfo], None], info: CheckpointInfo) -> None:
+    """Run the upkeep after ``step``'s commit; a failure is logged (the checkpoint is committed)."""
     try:
-        job.after_commit(info)
+        after_commit(info)
     except Exception:
-        logger.exception("step %d is saved, but the upkeep after it (retention) failed", job.step)
+        logger.exception("step %d is saved, but the upkeep after it (retention) failed", step)
+
+
+def _settle_at_exit(ref: weakref.ref[SyncSaver]) -> None:
+    saver = ref()
+    if saver is not None:
+        saver.settle()
 
 
 def _read_back(staging: Staging, manifest: bytes) -> None:
