@@ -1,6 +1,7 @@
 """A fault-injecting shim for the OS calls a checkpoint writer makes.
 
-``inject(at=N, error=errno.ENOSPC)`` patches, for the calling thread only, every call that
+``inject(at=N, error=errno.ENOSPC)`` patches, for the calling thread (and runstate's retention
+thread, which deletes old checkpoints after a save: call ``mgr.wait()`` inside), every call that
 writes or persists something: ``open`` for writing and the ``write``/``flush``/``close`` of
 the file it returns, ``os.open``, ``os.close``, ``os.fsync``, ``os.mkdir``, ``os.rename``,
 ``os.replace``, ``os.unlink``, ``os.rmdir``, ``os.ftruncate`` and ``os.pwrite``. The calls are
@@ -115,8 +116,8 @@ def inject(at: int | None, error: int = errno.ENOSPC, *, short_write: bool = Fal
     faults = Faults(at, error, short_write)
     owner = threading.get_ident()
 
-    def active() -> bool:
-        return threading.get_ident() == owner
+    def active() -> bool:  # the calling thread, and runstate's retention thread (the save's upkeep)
+        return threading.get_ident() == owner or threading.current_thread().name.startswith("runstate-retention")
 
     def wrap_os(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -293,6 +293,7 @@ def test_second_writer_process_and_stale_lock(tmp_path: Path) -> None:
     assert f"pid {first.pid} on" in (run / ".lock").read_text()  # the dead holder's name stays...
     with runstate.CheckpointManager(run, keep_last=2) as mgr:  # ...but its lock died with it
         assert mgr.save(newest + 1, make_state(newest + 1))
+        mgr.wait()  # retention runs in the background after save returns
         assert leftovers(run) == []
         assert mgr.steps()[-1] == newest + 1
     assert f"pid {os.getpid()} on" in (run / ".lock").read_text()
@@ -408,6 +409,7 @@ def test_disk_fault_at_every_call_of_a_save(tmp_path: Path, scenario: str, error
     new = (old[-1] if old else 0) + 1
     with mgr, inject(None) as clean:
         assert mgr.save(new, small_state(new))
+        mgr.wait()  # retention (background) runs its calls inside the recording too
     commit_start = next(
         i for i, call in enumerate(clean.calls) if f".tmp-{STEP.format(new)}-" in call and OLD_LEFTOVER not in call
     )
@@ -430,6 +432,7 @@ def test_disk_fault_at_every_call_of_a_save(tmp_path: Path, scenario: str, error
                     mgr.save(new, small_state(new))
                 except BaseException as exc:
                     err = exc
+                mgr.wait()  # retention (background) meets its faults inside the injection too
             if faults.fired is None:  # past the last call: nothing failed
                 assert at == len(clean.calls) and err is None
                 break
@@ -444,6 +447,7 @@ def test_disk_fault_at_every_call_of_a_save(tmp_path: Path, scenario: str, error
         if leftovers(run):
             with runstate.CheckpointManager(run, keep_last=2) as mgr:  # a new writer removes them
                 mgr.save(new + 2, small_state(new + 2))
+                mgr.wait()  # retention runs in the background after save returns
                 if leftovers(run):
                     problems.append(f"fault at call {at}: the next writer left {leftovers(run)}")
         shutil.rmtree(base)

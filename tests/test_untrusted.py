@@ -724,6 +724,7 @@ def test_reading_a_manifest_allocates_its_size_not_the_limit(tmp_path: Path) -> 
     assert peak < 4 * 1024**2, f"peak {peak / 1024**2:.1f} MiB"
 
 
+@pytest.mark.fresh_process  # tracemalloc counts every thread: no other test's threads may allocate meanwhile
 def test_memory_stays_bounded_under_fuzzing(victim: dict[str, bytes], tmp_path: Path) -> None:
     """A sample of the fuzz cases, with every allocation traced."""
     for name, data in victim.items():
