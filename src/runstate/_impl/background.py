@@ -30,10 +30,17 @@ logger = logging.getLogger("runstate")
 
 
 class BackgroundSaver:
-    """At most one save in flight, on one thread; registered for interpreter exit until :meth:`shutdown`."""
+    """At most one save in flight, on one thread; registered for interpreter exit until :meth:`shutdown`.
 
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstate-save")
+    Also runs the synchronous saver's retention (``thread_name="runstate-retention"``): the same
+    one-job-at-a-time thread, waited for by the next call and at interpreter exit.
+
+    Args:
+        thread_name: the prefix of the thread's name.
+    """
+
+    def __init__(self, thread_name: str = "runstate-save") -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self._pending: tuple[int, str, Future[None]] | None = None
         self._pid = os.getpid()  # a forked child inherits the hooks but not the thread
         self._at_exit = functools.partial(_finish_at_exit, weakref.ref(self))
@@ -51,22 +58,34 @@ class BackgroundSaver:
         """Run ``write`` in the background (the previous save must have been waited for)."""
         self._pending = (step, where, self._executor.submit(write))
 
+    @property
+    def forked(self) -> bool:
+        """True in a process forked from the one that made this saver (it has no thread there)."""
+        return self._pid != os.getpid()
+
     def wait(self) -> None:
-        """Block until the save in flight is committed.
+        """Block until the save in flight is committed (at once in a forked child: the save is the parent's).
+
+        The handle is dropped only once the save is done, so that a second caller (another
+        thread, or the next call after a Ctrl-C interrupted this wait) waits for it too.
 
         Raises:
             AsyncSaveError: the background save failed; its exception is the ``__cause__``.
         """
-        if self._pending is None:
+        pending = self._pending
+        if pending is None or self.forked:
             return
-        step, where, future = self._pending
-        self._pending = None
+        step, where, future = pending
         try:
             future.result()
         except Exception as exc:
+            if self._pending is pending:  # a failure is raised once
+                self._pending = None
             raise AsyncSaveError(
                 f"{where}: the background save of step {step} failed, nothing was committed: {exc}", step=step
             ) from exc
+        if self._pending is pending:
+            self._pending = None
 
     def shutdown(self) -> None:
         """Stop the thread (after the save in flight) and drop the exit hook. Idempotent."""
@@ -77,7 +96,7 @@ class BackgroundSaver:
 def _finish_at_exit(ref: weakref.ref[BackgroundSaver]) -> None:
     """At interpreter exit: collect the save left in flight; a failure is logged, exit status 1."""
     saver = ref()
-    if saver is None or saver._pid != os.getpid():
+    if saver is None or saver.forked:
         # A forked child (a DataLoader worker) runs the hooks at its exit too, but the save in
         # flight is the parent's: waiting for it here would hang the child forever.
         return

@@ -14,15 +14,10 @@ a background failure is never lost (see :mod:`runstate._impl.background`).
 from __future__ import annotations
 
 import abc
-import contextlib
 import functools
 import logging
-import os
-import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,47 +182,27 @@ class SyncSaver(Saver):
 
     def __init__(self, store: Store, group: Group) -> None:
         super().__init__(store, group)
-        self._upkeep: ThreadPoolExecutor | None = None
-        self._upkeep_pid = 0
-        self._pending: Future[None] | None = None
+        self._upkeep: BackgroundSaver | None = None  # made at the first commit (and again in a forked child)
 
     def _save(self, job: _Job, before_start: Callable[[], None]) -> None:
         info = self._commit(job, before_start, "")
         if info is None:
             return
+        upkeep = functools.partial(_after_commit, job.step, job.after_commit, info)  # not the captured state
         if not self._group.distributed:
-            try:  # only the step and the callback go along: the captured state is not kept alive
-                self._pending = self._upkeep_thread().submit(_after_commit, job.step, job.after_commit, info)
+            try:
+                if self._upkeep is None or self._upkeep.forked:
+                    self._upkeep = BackgroundSaver("runstate-retention")
+                self._upkeep.submit(job.step, self._store.join(step_dirname(job.step)), upkeep)
                 return
             except RuntimeError:  # no thread can be started (limits, interpreter exiting): inline
                 pass
-        _after_commit(job.step, job.after_commit, info)
-
-    def _upkeep_thread(self) -> ThreadPoolExecutor:
-        if self._upkeep is None or self._upkeep_pid != os.getpid():  # a forked child has no thread
-            self._upkeep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstate-retention")
-            self._upkeep_pid = os.getpid()
-            # At interpreter exit without close(): finish retention before concurrent.futures'
-            # own exit hook refuses new work to every executor (an object store lists with
-            # one). Hooks run last-registered first. A private hook of the threading module.
-            register = getattr(threading, "_register_atexit", None)
-            if register is not None:
-                with contextlib.suppress(RuntimeError):  # already shutting down
-                    register(functools.partial(_settle_at_exit, weakref.ref(self)))
-        return self._upkeep
+        upkeep()
 
     def settle(self) -> None:
-        """See :meth:`Saver.settle`.
-
-        The handle is dropped only once the upkeep is done, so that a second caller (another
-        thread listing steps, a save after a Ctrl-C in this wait) waits for it too.
-        """
-        pending = self._pending
-        if pending is None or self._upkeep_pid != os.getpid():  # a forked child never waits for the parent's
-            return
-        pending.result()  # _after_commit logs its failures, never raises
-        if self._pending is pending:
-            self._pending = None
+        """See :meth:`Saver.settle` (also from another thread; at once in a forked child)."""
+        if self._upkeep is not None:
+            self._upkeep.wait()  # _after_commit logs its failures, never raises
 
     def wait(self) -> None:
         """See :meth:`Saver.wait` (a synchronous save is committed when it returns: waits for its upkeep)."""
@@ -235,12 +210,9 @@ class SyncSaver(Saver):
 
     def close(self) -> None:
         """See :meth:`Saver.close`."""
-        try:
-            self.settle()
-        finally:
-            if self._upkeep is not None and self._upkeep_pid == os.getpid():
-                self._upkeep.shutdown(wait=True)
-            self._upkeep = None
+        upkeep, self._upkeep = self._upkeep, None
+        if upkeep is not None and not upkeep.forked:
+            upkeep.shutdown()  # after the upkeep in flight
 
 
 class AsyncSaver(Saver):
@@ -301,12 +273,6 @@ def _after_commit(step: int, after_commit: Callable[[CheckpointInfo], None], inf
         after_commit(info)
     except Exception:
         logger.exception("step %d is saved, but the upkeep after it (retention) failed", step)
-
-
-def _settle_at_exit(ref: weakref.ref[SyncSaver]) -> None:
-    saver = ref()
-    if saver is not None:
-        saver.settle()
 
 
 def _read_back(staging: Staging, manifest: bytes) -> None:
